@@ -1,0 +1,37 @@
+# dsr_lightning: `make help` lists the targets.
+PY     ?= .venv/bin/python
+VENV   ?= .venv
+
+.DEFAULT_GOAL := help
+
+help: ## List the targets
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
+
+install: ## Create .venv and install the package with the pinned CI stack (torch 2.14.1, torchvision 0.29.1)
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c requirements/ci-constraints.txt -e ".[dev]"
+
+demo: install ## Install, then the whole pipeline on the embedded CIFAR-10 subset (CPU, ~12 min)
+	PY=$(PY) bash scripts/demo.sh
+
+test: install ## Run the test suite (fast tests; CPU only)
+	$(PY) -m pytest -q
+
+test-slow: install ## Run the slow tests too (DDP, subprocess kill/resume)
+	$(PY) -m pytest -q -m ""
+
+lint: ## ruff check
+	$(PY) -m ruff check .
+
+report: ## Table and curves for results/*.tsv (FILES=... to choose)
+	$(PY) -m dsr_lightning.reports $(or $(FILES),results/*.tsv)
+
+bench: ## Speed benchmarks on this machine (engine vs reference loop; training throughput)
+	$(PY) benchmarks/bench_engine.py
+	$(PY) benchmarks/bench_train.py
+
+clean: ## Remove run outputs (keeps .venv)
+	rm -rf outputs multirun .pytest_cache .ruff_cache
+
+.PHONY: help install demo test test-slow lint report bench clean

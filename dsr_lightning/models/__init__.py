@@ -1,0 +1,24 @@
+"""Networks (Cohen-compatible CIFAR ResNet, DnCNN, MemNet, the rejector), the normalising
+classifier wrapper, the f_R composition and checkpoint import/export. No Lightning, no Hydra."""
+
+from .checkpoint import (
+    ARCHS,
+    CheckpointError,
+    build_arch,
+    is_classifier_arch,
+    load_checkpoint,
+    load_state_dict_strict,
+    save_checkpoint,
+)
+from .dncnn import DnCNN
+from .memnet import MemNet
+from .normalize import CIFAR10_MEAN, CIFAR10_STD, Classifier, NormalizeLayer
+from .rejector import Rejector
+from .resnet import BasicBlock, ResNet
+from .system import SmoothingSystem, freeze
+
+__all__ = [
+    "ARCHS", "CIFAR10_MEAN", "CIFAR10_STD", "BasicBlock", "CheckpointError", "Classifier", "DnCNN",
+    "MemNet", "NormalizeLayer", "Rejector", "ResNet", "SmoothingSystem", "build_arch", "freeze",
+    "is_classifier_arch", "load_checkpoint", "load_state_dict_strict", "save_checkpoint",
+]

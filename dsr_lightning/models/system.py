@@ -1,0 +1,78 @@
+"""The base classifier with rejection f_R(x) = R if h_{f(D(x))}(D(x)) rejects else f(D(x))."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    """Eval mode and requires_grad False on every parameter; returns the module."""
+    module.eval()
+    module.requires_grad_(False)
+    return module
+
+
+class SmoothingSystem(nn.Module):
+    """Noisy [0,1] batch -> denoiser D (identity if None) -> classifier f -> rejector heads.
+
+    `forward` gives labels in {0..K}, K = reject: reject iff head_logit[f(z)] > threshold (logit
+    0 = probability 1/2). Without a rejector it is f(D(x)) (denoised smoothing; plain randomized
+    smoothing without a denoiser too) and never outputs K. D and f run without autograd and stay
+    in eval mode whatever `.train()` says (they are frozen by design); only the rejector can
+    receive gradient, through `outputs(...)["head_logits"]`.
+    """
+
+    def __init__(self, classifier: nn.Module, denoiser: nn.Module | None = None,
+                 rejector: nn.Module | None = None, threshold: float = 0.0,
+                 num_classes: int | None = None):
+        super().__init__()
+        self.classifier, self.denoiser, self.rejector = classifier, denoiser, rejector
+        self.threshold = float(threshold)
+        for m in (classifier, rejector):
+            if num_classes is None:
+                num_classes = getattr(m, "num_classes", None)
+        if num_classes is None:
+            raise ValueError("cannot tell K: pass num_classes or a classifier with .num_classes")
+        if rejector is not None and getattr(rejector, "num_classes", num_classes) != num_classes:
+            raise ValueError(f"rejector has {rejector.num_classes} heads, classifier {num_classes}")
+        self.num_classes = int(num_classes)
+        self.classifier.eval()
+        if denoiser is not None:
+            denoiser.eval()
+
+    @property
+    def reject_label(self) -> int:
+        return self.num_classes
+
+    def train(self, mode: bool = True) -> SmoothingSystem:
+        self.training = mode
+        if self.rejector is not None:
+            self.rejector.train(mode)
+        self.classifier.eval()
+        if self.denoiser is not None:
+            self.denoiser.eval()
+        return self
+
+    def outputs(self, noisy: torch.Tensor) -> dict[str, torch.Tensor | None]:
+        """noisy: (B, C, H, W) -> dict of denoised (B,C,H,W), logits (B,K), pred (B,),
+        head_logits (B,K) or None, reject (B,) bool, label (B,) in {0..K}."""
+        with torch.no_grad():
+            z = noisy if self.denoiser is None else self.denoiser(noisy)  # (B, C, H, W)
+            if self.rejector is None:
+                logits, feats = self.classifier(z), []
+            else:
+                logits, feats = self.classifier.forward_features(z)  # (B, K), [(B, c_i, h_i, w_i)]
+            pred = logits.argmax(1)  # (B,)
+        if self.rejector is None:
+            head_logits, reject = None, torch.zeros_like(pred, dtype=torch.bool)
+        else:
+            head_logits = self.rejector(z, feats)  # (B, K)
+            reject = head_logits.detach().gather(1, pred[:, None]).squeeze(1) > self.threshold
+        label = torch.where(reject, torch.full_like(pred, self.num_classes), pred)
+        return dict(denoised=z, logits=logits, pred=pred, head_logits=head_logits, reject=reject,
+                    label=label)
+
+    def forward(self, noisy: torch.Tensor) -> torch.Tensor:
+        """noisy: (B, C, H, W) -> labels (B,) long in {0..K}, K meaning reject."""
+        return self.outputs(noisy)["label"]

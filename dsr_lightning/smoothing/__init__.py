@@ -1,0 +1,18 @@
+"""Statistics and Monte Carlo engine of the smoothed classifier with rejection (no Lightning)."""
+from .bounds import cp_lower, cp_upper
+from .certify import ABSTAIN, CertifyDetails, certify_counts, certify_details, predict_counts
+from .checks import (
+    BOUNDS,
+    check_alpha,
+    check_bound,
+    check_counts,
+    check_positive,
+    check_positive_int,
+)
+from .engine import Certificate, SmoothedClassifier, sample_counts
+
+__all__ = [
+    "ABSTAIN", "BOUNDS", "Certificate", "CertifyDetails", "SmoothedClassifier", "certify_counts",
+    "certify_details", "check_alpha", "check_bound", "check_counts", "check_positive",
+    "check_positive_int", "cp_lower", "cp_upper", "predict_counts", "sample_counts",
+]

@@ -1,0 +1,35 @@
+"""One-sided Clopper–Pearson bounds on a binomial proportion, vectorised over numpy arrays."""
+from __future__ import annotations
+
+import numpy as np
+from scipy.stats import beta
+
+from .checks import check_alpha
+
+
+def _kn(k, n) -> tuple[np.ndarray, np.ndarray]:
+    k, n = np.broadcast_arrays(np.asarray(k), np.asarray(n))
+    if k.dtype.kind not in "iu" or n.dtype.kind not in "iu":
+        raise ValueError(f"k and n must be integers, got dtypes {k.dtype}, {n.dtype}")
+    if (k < 0).any() or (k > n).any():
+        raise ValueError("need 0 <= k <= n")
+    return k.astype(np.int64), n.astype(np.int64)
+
+
+def cp_lower(k, n, alpha: float) -> np.ndarray:
+    """p_lower with P(p_lower <= p) >= 1 - alpha for k ~ Binomial(n, p); 0 where k = 0.
+    It is < 1 for every n >= 1 (alpha**(1/n) at k = n), so Φ⁻¹ of it is finite."""
+    alpha = check_alpha(alpha)
+    k, n = _kn(k, n)
+    with np.errstate(invalid="ignore"):
+        lo = beta.ppf(alpha, np.maximum(k, 1), n - k + 1)
+    return np.where(k == 0, 0.0, lo)
+
+
+def cp_upper(k, n, alpha: float) -> np.ndarray:
+    """p_upper with P(p <= p_upper) >= 1 - alpha for k ~ Binomial(n, p); 1 where k = n."""
+    alpha = check_alpha(alpha)
+    k, n = _kn(k, n)
+    with np.errstate(invalid="ignore"):
+        hi = beta.ppf(1 - alpha, k + 1, np.maximum(n - k, 1))
+    return np.where(k == n, 1.0, hi)

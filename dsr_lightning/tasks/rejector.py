@@ -1,0 +1,104 @@
+"""Main job: train the rejector heads h_k for a frozen classifier f and a frozen denoiser D."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics import MeanMetric, MetricCollection
+from torchmetrics.classification import (
+    BinaryAUROC,
+    BinaryPrecision,
+    BinaryRecall,
+    BinaryROC,
+)
+
+from dsr_lightning.tasks.base import FrozenAwareModule
+from dsr_lightning.tasks.networks import ConfigError
+
+TARGETS = ("clean_pred", "label")
+HEADS = ("noisy", "clean")
+
+
+class RejectorTask(FrozenAwareModule):
+    """BCE of one head logit per noisy copy against b = 1[f(D(x+ε)) ≠ f(x)] (target=clean_pred)
+    or 1[f(D(x+ε)) ≠ y] (target=label). The trained head is that of the noisy prediction
+    f(D(x+ε)) (head=noisy, what f_R consults at inference) or of the clean prediction f(x)
+    (head=clean, the paper's Eq. 9). f and D run in eval mode under no_grad; only the rejector
+    is optimised. Validation always scores the head f_R consults (the noisy prediction's)."""
+
+    frozen = ("classifier", "denoiser")
+
+    def __init__(self, classifier: nn.Module, denoiser: nn.Module | None, rejector: nn.Module,
+                 optim, target: str = "clean_pred", head: str = "noisy", threshold: float = 0.0,
+                 run_config: dict | None = None):
+        super().__init__(optim, run_config)
+        if target not in TARGETS:
+            raise ConfigError(f"rejector.target={target!r}: choose one of {', '.join(TARGETS)}")
+        if head not in HEADS:
+            raise ConfigError(f"rejector.head={head!r}: choose one of {', '.join(HEADS)}")
+        self.classifier, self.denoiser, self.rejector = classifier, denoiser, rejector
+        self.target, self.head, self.threshold = target, head, float(threshold)
+        self.val_metrics = MetricCollection({
+            "precision": BinaryPrecision(), "recall": BinaryRecall(), "auroc": BinaryAUROC(),
+        }, prefix="val/")
+        self.val_roc = BinaryROC(thresholds=200)
+        self.val_reject, self.val_acc_f = MeanMetric(), MeanMetric()
+        self.val_acc_fr = MeanMetric()  # accuracy of f_R on the inputs it does not reject
+
+    @torch.no_grad()
+    def frozen_forward(self, x: torch.Tensor, noisy: torch.Tensor) -> dict:
+        """What f and D say; no graph is kept. x (B,C,H,W) clean, noisy (B*T,C,H,W) image-major."""
+        t = noisy.shape[0] // x.shape[0]
+        clean_pred = self.classifier(x).argmax(1)                    # (B,)
+        z = self.denoiser(noisy) if self.denoiser is not None else noisy
+        logits, feats = self.classifier.forward_features(z)          # (B*T, K), [(B*T, C_i, H_i, W_i)]
+        return {"z": z, "feats": feats, "pred": logits.argmax(1),
+                "clean_pred": clean_pred.repeat_interleave(t)}       # (B*T,)
+
+    def forward(self, batch: dict) -> dict:
+        x, y, noisy = batch["x"], batch["y"], batch["noisy"]
+        fr = self.frozen_forward(x, noisy)
+        t = noisy.shape[0] // x.shape[0]
+        ref = fr["clean_pred"] if self.target == "clean_pred" else y.repeat_interleave(t)
+        b = (fr["pred"] != ref).float()                              # (B*T,) 1 = should reject
+        heads = self.rejector(fr["z"], fr["feats"])                  # (B*T, K)
+        k = fr["pred"] if self.head == "noisy" else fr["clean_pred"]
+        logit = heads.gather(1, k[:, None]).squeeze(1)               # (B*T,)
+        loss = F.binary_cross_entropy_with_logits(logit, b)
+        infer = heads.gather(1, fr["pred"][:, None]).squeeze(1)      # the head f_R consults
+        return {"loss": loss, "b": b, "logit": infer, "pred": fr["pred"],
+                "y": y.repeat_interleave(t), "reject": infer > self.threshold}
+
+    def training_step(self, batch, batch_idx):
+        out = self(batch)
+        self.optimize(out["loss"])
+        n = out["b"].numel()
+        self.log("train/loss", out["loss"], prog_bar=True, on_step=True, on_epoch=True, batch_size=n)
+        self.log("train/target_rate", out["b"].mean(), on_step=False, on_epoch=True, batch_size=n)
+        return out["loss"]
+
+    def validation_step(self, batch, batch_idx):
+        out = self(batch)
+        n = out["b"].numel()
+        b, p = out["b"].long(), torch.sigmoid(out["logit"])
+        self.val_metrics.update(p, b)
+        self.val_roc.update(p, b)
+        keep = ~out["reject"]
+        correct = (out["pred"] == out["y"]).float()
+        self.val_reject.update(out["reject"].float())
+        self.val_acc_f.update(correct)
+        self.val_acc_fr.update(correct, keep.float())
+        self.log("val/loss", out["loss"], prog_bar=True, on_epoch=True, batch_size=n, sync_dist=True)
+        self.log_dict(self.val_metrics, on_epoch=True, batch_size=n)
+        self.log("val/reject_rate", self.val_reject, on_epoch=True, batch_size=n)
+        self.log("val/acc_f", self.val_acc_f, on_epoch=True, batch_size=n)
+        self.log("val/acc_fr_accepted", self.val_acc_fr, on_epoch=True, batch_size=n, prog_bar=True)
+
+    def on_validation_epoch_start(self) -> None:
+        self.val_roc.reset()  # keep only the latest epoch's curve
+
+    def roc_curve(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(fpr, tpr) of the last validation epoch, for the W&B run and the report."""
+        fpr, tpr, _ = self.val_roc.compute()
+        return fpr, tpr

@@ -1,0 +1,28 @@
+"""Train one stage: `python train.py denoiser=dncnn sigma=0.5` (the rejector, the main job),
+`python train.py stage=classifier ...`, `python train.py stage=denoiser ...`. See conf/train.yaml."""
+
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+import dsr_lightning.config  # noqa: F401  (registers the config resolvers)
+
+
+@hydra.main(config_path="conf", config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> float | None:
+    from dsr_lightning.errors import USER_ERRORS
+    from dsr_lightning.training import train
+
+    try:
+        result = train(cfg)
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(f"outputs: {result['output_dir']}" + (f"\nexported: {result['export']}"
+                                                 if result.get("export") else ""))
+    return result["metrics"].get(cfg.stage.monitor)  # what a Hydra sweeper optimises
+
+
+if __name__ == "__main__":
+    main()
