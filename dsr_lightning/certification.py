@@ -78,6 +78,8 @@ def build_system(cfg: DictConfig) -> tuple[SmoothingSystem, dict]:
 
 def validate(cfg: DictConfig) -> None:
     """Every check on the numbers before anything is loaded or written."""
+    if cfg.system.name not in SYSTEMS:  # first: the bound check below would blame the bound
+        raise ConfigError(f"system={cfg.system.name!r}: choose one of {', '.join(SYSTEMS)}")
     try:
         check_alpha(cfg.alpha)
         n0, n = check_positive_int("N0", cfg.N0), check_positive_int("N", cfg.N)

@@ -115,13 +115,16 @@ def train(cfg: DictConfig) -> dict:
     task, export = build_task(cfg, run_config)
     datamodule = instantiate(cfg.data)
     ckpt = ModelCheckpoint(dirpath=out / "checkpoints", filename="best", monitor=cfg.stage.monitor,
-                           mode=cfg.stage.mode, save_last=True)
+                           mode=cfg.stage.mode)
+    # last.ckpt after every epoch: Lightning's save_last only refreshes it when `best` improves
+    last = ModelCheckpoint(dirpath=out / "checkpoints", filename="last", monitor=None,
+                           save_top_k=1, enable_version_counter=False)
     loggers = [instantiate(lg) for lg in cfg.get("logger", {}).values()]
-    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=[ckpt], logger=loggers or False)
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=[ckpt, last], logger=loggers or False)
     trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     result = {
         "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
-        "best": ckpt.best_model_path, "last": ckpt.last_model_path, "output_dir": str(out),
+        "best": ckpt.best_model_path, "last": last.best_model_path, "output_dir": str(out),
         "epochs": trainer.current_epoch,
     }
     roc = None

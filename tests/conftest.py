@@ -8,21 +8,26 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
 from dsr_lightning.config import compose
 
 REPO = Path(__file__).resolve().parent.parent
+# Test tensors are tiny: a second intra-op thread gains nothing, and on a busy 2-core machine
+# OpenMP threads spin against each other (measured: a tiny resume test 65 s -> 2.7 s with one).
+torch.set_num_threads(1)
 TINY_SIGMAS = (0.25, 0.5)  # the session's tiny denoisers
 
 
-def compose_tiny(out_dir: str | Path, overrides=(), name: str = "train") -> DictConfig:
-    """conf/<name>.yaml + experiment=tiny + overrides, writing only under out_dir: the run folder
-    is out_dir (registered with HydraConfig, so `${hydra:runtime.output_dir}` resolves to it), on
+def compose_tiny(out_dir: str | Path, overrides=(), name: str = "train",
+                 experiment: str | None = "tiny") -> DictConfig:
+    """conf/<name>.yaml + experiment + overrides, writing only under out_dir: the run folder is
+    out_dir (registered with HydraConfig, so `${hydra:runtime.output_dir}` resolves to it), on
     CPU, no progress bar. pretrained_root defaults to out_dir/pretrained unless overridden."""
     out_dir = Path(out_dir)
-    overrides = ["experiment=tiny", *overrides]
+    overrides = [*([f"experiment={experiment}"] if experiment else []), *overrides]
     if not any(o.startswith("pretrained_root=") for o in overrides):
         overrides.append(f"pretrained_root={out_dir / 'pretrained'}")
     cfg = compose(name, overrides)
@@ -40,12 +45,14 @@ def compose_tiny(out_dir: str | Path, overrides=(), name: str = "train") -> Dict
 
 @pytest.fixture
 def tiny_cfg(tmp_path):
-    """Factory: `tiny_cfg("stage=denoiser", "T=1", name="train", out=None) -> DictConfig`, a fresh
-    run folder under tmp_path per call (or `out`). The HydraConfig singleton is cleared after."""
+    """Factory: `tiny_cfg("stage=denoiser", "T=1", name="train", out=None, experiment="tiny")
+    -> DictConfig` (see compose_tiny), a fresh run folder under tmp_path per call (or `out`).
+    The HydraConfig singleton is cleared after the test."""
     counter = itertools.count()
 
-    def make(*overrides: str, name: str = "train", out: str | Path | None = None) -> DictConfig:
-        return compose_tiny(out or tmp_path / f"run{next(counter)}", overrides, name)
+    def make(*overrides: str, name: str = "train", out: str | Path | None = None,
+             experiment: str | None = "tiny") -> DictConfig:
+        return compose_tiny(out or tmp_path / f"run{next(counter)}", overrides, name, experiment)
 
     yield make
     HydraConfig.instance().cfg = None

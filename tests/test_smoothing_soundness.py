@@ -32,6 +32,16 @@ from dsr_lightning.smoothing import (
 ALPHA, N, N0 = 0.01, 1000, 100
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small chunks on a shared 2-core machine: OpenMP barriers under load made the engine ~10×
+    slower with 2 intra-op threads than with 1 (measured 13 s vs 1.1 s for one certify call)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 class Intervals:
     """u-axis cut at `edges` into intervals labelled `labels` (K = reject); noise σ."""
 
@@ -66,25 +76,32 @@ class Intervals:
 
 
 BAND = Intervals([0.0, 0.5], [0, 2, 1], K=2, sigma=0.25)  # A | R | B, boundary at 0.25
-ISLAND = Intervals([0.0, 0.3, 0.35, 0.6], [0, 3, 2, 3, 1], K=3, sigma=0.25)  # A | R | C | R | B
+# A | R | C | R | B: B is the runner-up for t in [-0.2, 0.3], where 'runner_up' is tight and 'paper'
+# (which bounds B's mass and C's together by 1 − p_AR) loses 0.07 of radius at t = 0
+ISLAND = Intervals([0.0, 0.25, 0.35, 0.6], [0, 3, 2, 3, 1], K=3, sigma=0.5)
 PLAIN = Intervals([0.25], [0, 1], K=2, sigma=0.25)  # A | B, no rejection: Cohen's setting
 
 
 # ---------------------------------------------------------------- wrong certificates on purpose
 
-def plug_in(counts, c_hat, sigma, alpha):
-    """Theorem 3.1 with the empirical frequencies instead of confidence bounds."""
-    n_A = np.take_along_axis(counts, c_hat[..., None], -1)[..., 0]
-    n, n_R = counts.sum(-1), counts[..., -1]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        rho = sigma / 2 * (norm.ppf(n_A / n) + norm.ppf(np.minimum((n_A + n_R) / n, 1 - 1e-9)))
-    return np.where(rho > 0, c_hat, ABSTAIN), np.where(rho > 0, rho, 0.0)
+def plug_in(bound):
+    """The bound with the empirical frequencies instead of confidence bounds."""
+    def fn(counts, c_hat, sigma, alpha):
+        d = certify_details(counts, c_hat, sigma, alpha, bound)
+        f_A, f_AR, f_B = d.n_A / d.N, (d.n_A + d.n_R) / d.N, d.n_B / d.N
+        with np.errstate(divide="ignore", invalid="ignore"):
+            rho = sigma / 2 * (norm.ppf(f_A) + (norm.ppf(np.minimum(f_AR, 1 - 1e-9))
+                                                if bound == "paper" else -norm.ppf(f_B)))
+        return np.where(rho > 0, c_hat, ABSTAIN), np.where(rho > 0, rho, 0.0)
+    return fn
 
 
-def no_half(counts, c_hat, sigma, alpha):
-    """Theorem 3.1 without the ½."""
-    pred, radius = certify_counts(counts, c_hat, sigma, alpha, "paper")
-    return pred, 2 * radius
+def no_half(bound):
+    """The bound without the ½."""
+    def fn(counts, c_hat, sigma, alpha):
+        pred, radius = certify_counts(counts, c_hat, sigma, alpha, bound)
+        return pred, 2 * radius
+    return fn
 
 
 def reject_as_A(counts, c_hat, sigma, alpha):
@@ -94,7 +111,9 @@ def reject_as_A(counts, c_hat, sigma, alpha):
     return np.where(p > 0.5, c_hat, ABSTAIN), np.where(p > 0.5, sigma * norm.ppf(p), 0.0)
 
 
-BUGGY = {"plug_in": plug_in, "no_half": no_half, "reject_as_A": reject_as_A}
+def buggy(bound):
+    """Wrong certificates, each a classic mistake on the way to `bound`."""
+    return {"plug_in": plug_in(bound), "no_half": no_half(bound), "reject_as_A": reject_as_A}
 
 
 def bound_fn(bound):
@@ -169,12 +188,12 @@ class Exact:
                 cells[:, K], cells[:, 0 if c else 1] = N - i - m, m
             assert (cells.sum(1) == N).all()
             pred, radius = fn(cells, np.full(len(cells), c), model.sigma, ALPHA)
-            if K > 2:  # the enumerated column arrangement must not matter
-                moved = cells.copy()
+            if K > 2:  # the enumerated column arrangement must not matter (checked on a sample)
+                moved = cells[::7].copy()
                 o1, o2 = [o for o in range(K) if o != c][:2]
                 moved[:, [o1, o2]] = moved[:, [o2, o1]]
-                p2, r2 = fn(moved, np.full(len(cells), c), model.sigma, ALPHA)
-                assert np.array_equal(pred, p2) and np.allclose(radius, r2, rtol=1e-12)
+                p2, r2 = fn(moved, np.full(len(moved), c), model.sigma, ALPHA)
+                assert np.array_equal(pred[::7], p2) and np.allclose(radius[::7], r2, rtol=1e-12)
             self.cells[c], self.out[c] = cells, (pred, radius)
 
     def conditional(self, t, c):
@@ -207,14 +226,14 @@ class Exact:
 
 
 T_BAND = [-1.0, -0.5, -0.2, 0.0, 0.1, 0.2, 0.24, 0.26, 0.3, 0.4, 0.5, 0.75, 1.5]
-T_ISLAND = [-1.0, -0.3, 0.0, 0.1, 0.2, 0.28, 0.32, 0.325, 0.4, 0.6, 1.0]
+T_ISLAND = [-1.0, -0.5, -0.2, 0.0, 0.1, 0.2, 0.28, 0.32, 0.4, 0.6, 1.0]
 
 
 def test_truth_is_exact_on_the_band():
     for t in T_BAND:
         g, r = BAND.truth(t)
         assert g == (0 if t < 0.25 else 1) and r == pytest.approx(abs(0.25 - t), abs=1e-9)
-    for t in T_ISLAND:  # σ = 0.25: C never wins, A and B are symmetric about 0.3
+    for t in T_ISLAND:  # C never wins, A and B are symmetric about 0.3
         g, r = ISLAND.truth(t)
         assert g == (0 if t < 0.3 else 1) and r == pytest.approx(abs(0.3 - t), abs=1e-9)
 
@@ -238,11 +257,16 @@ def test_exact_wrong_certificate_probability(model, bound, kind, ts, floor):
     assert worst.max() > floor
 
 
-@pytest.mark.parametrize("name", list(BUGGY))
-def test_exact_checker_fails_wrong_certificates(name):
-    exact = Exact(BAND, BUGGY[name])
-    mix = np.array([exact.mixture(t) for t in T_BAND])
-    assert mix.max() > 0.3, dict(zip(T_BAND, mix))  # the real selection, not a worst case
+@pytest.mark.parametrize("model, bound, name, kind", [
+    (BAND, "paper", "plug_in", "trinomial"), (BAND, "paper", "no_half", "trinomial"),
+    (BAND, "paper", "reject_as_A", "trinomial"), (ISLAND, "runner_up", "plug_in", "runner_up"),
+    (ISLAND, "runner_up", "no_half", "runner_up"),
+], ids=lambda v: v if isinstance(v, str) else None)
+def test_exact_checker_fails_wrong_certificates(model, bound, name, kind):
+    exact = Exact(model, buggy(bound)[name], kind)
+    ts = T_BAND if model is BAND else T_ISLAND
+    mix = np.array([exact.mixture(t) for t in ts])
+    assert mix.max() > 0.3, dict(zip(ts, mix))  # the real selection, not a worst case
 
 
 # ---------------------------------------------------------------- end to end through the engine
@@ -275,7 +299,7 @@ def certify_copies(model, t, M, n, bound, seed):
 
 
 @pytest.mark.parametrize("model, bound, kind, t", [
-    (BAND, "paper", "trinomial", 0.1), (ISLAND, "runner_up", "runner_up", 0.1),
+    (BAND, "paper", "trinomial", 0.1), (ISLAND, "runner_up", "runner_up", 0.0),
 ], ids=["band-paper", "island-runner_up"])
 def test_end_to_end_wrong_certificates(model, bound, kind, t):
     M = 2000
@@ -286,10 +310,9 @@ def test_end_to_end_wrong_certificates(model, bound, kind, t):
     # and V matches the exact rate for this selection (checks the noise, the chunks, the counts)
     lo, hi = binom.interval(1 - 1e-6, M, Exact(model, bound_fn(bound), kind).mixture(t))
     assert lo <= V <= hi, (V, lo, hi)
-    assert (cert.prediction == g).mean() > 0.9
-    for name, fn in BUGGY.items():  # the same counts through the wrong certificates
-        d = certify_details(cert.counts, cert.c_hat, model.sigma, ALPHA, "paper")
-        pred, radius = fn(cert.counts, d.c_hat, model.sigma, ALPHA)
+    assert (cert.prediction == g).mean() > 0.5  # not vacuous
+    for name, fn in buggy(bound).items():  # the same counts through the wrong certificates
+        pred, radius = fn(cert.counts, cert.c_hat, model.sigma, ALPHA)
         assert wrong(pred, radius, g, r_true).sum() > 0.3 * M, name
 
 
@@ -300,7 +323,7 @@ def sharp(radius, r_true, sigma):
     return r_true - 0.1 * sigma <= radius.mean() <= r_true
 
 
-@pytest.mark.parametrize("model, bound, t", [(BAND, "paper", 0.1), (ISLAND, "runner_up", 0.1)],
+@pytest.mark.parametrize("model, bound, t", [(BAND, "paper", 0.1), (ISLAND, "runner_up", 0.0)],
                          ids=["band-paper", "island-runner_up"])
 def test_sharpness(model, bound, t):
     cert = certify_copies(model, t, 200, 10_000, bound, seed=1)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .certify import ABSTAIN, CertifyDetails, certify_details, predict_counts
+from .certify import CertifyDetails, certify_details, predict_counts
 from .checks import check_alpha, check_bound, check_positive, check_positive_int
 
 Base = Callable[[torch.Tensor], torch.Tensor]
@@ -38,7 +38,8 @@ def sample_counts(base: Base, x: torch.Tensor, n: int | Sequence[int], sigma: fl
     Returns int64 counts on the CPU, (B, K+1) for an int n, (B, S, K+1) for S stages; the last
     column counts the reject label K. The same generator state gives identical counts.
     """
-    stages = (n,) if isinstance(n, int | np.integer) else tuple(n)
+    single = not isinstance(n, Sequence)
+    stages = (n,) if single else tuple(n)
     if not stages:
         raise ValueError("n: need at least one stage")
     stages = tuple(check_positive_int("n", s) for s in stages)
@@ -64,7 +65,7 @@ def sample_counts(base: Base, x: torch.Tensor, n: int | Sequence[int], sigma: fl
     counts = counts.view(B, S, L).cpu()  # the one host sync
     if (counts.sum(-1) != torch.tensor(stages)).any():
         raise RuntimeError(f"base returned labels outside 0..{L - 1} (reject = {L - 1})")
-    return counts[:, 0] if isinstance(n, int | np.integer) else counts
+    return counts[:, 0] if single else counts
 
 
 @dataclass

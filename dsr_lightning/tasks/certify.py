@@ -78,8 +78,10 @@ class CertifyModule(pl.LightningModule):
         self.images_per_step = images_per_step
 
     def predict_dataloader(self) -> DataLoader:
-        # Each rank takes its own shard of the remaining indices: no padding, no duplicates.
-        shard = self.todo[self.global_rank::self.trainer.world_size]
+        # Each rank takes its own shard of the remaining indices. Lightning refuses an empty loader
+        # on any rank: one left without work recomputes the last image, a one-image step seeded by
+        # its index like the other copy, so the same row, which the merge keeps once.
+        shard = self.todo[self.global_rank::self.trainer.world_size] or self.todo[-1:]
         return DataLoader(Indexed(self.dataset, shard), batch_size=self.images_per_step,
                           shuffle=False)
 
@@ -157,13 +159,16 @@ class ResultsFile:
     def open(self) -> None:
         """Create the file (header + settings) or repair a torn last line; then append."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if not self.path.exists():
-            self.path.write_text("\t".join(self.columns) + "\n")
+        if not self.path.exists():  # the record first: a file is never without its settings
             self.meta.write_text(json.dumps(self.settings, indent=2, default=str) + "\n")
+            self.path.write_text("\t".join(self.columns) + "\n")
         else:
-            text = self.path.read_text()
-            if not text.endswith("\n"):
-                self.path.write_text(text[: text.rfind("\n") + 1])
+            self._drop_torn_line()
+
+    def _drop_torn_line(self) -> None:
+        data = self.path.read_bytes()
+        if not data.endswith(b"\n"):  # truncate in place: a kill now cannot lose the whole rows
+            os.truncate(self.path, data.rfind(b"\n") + 1)
 
     def append(self, rows: list[dict], path: Path | None = None) -> None:
         with open(path or self.path, "a") as f:
@@ -186,6 +191,7 @@ class ResultsFile:
                     done.add(int(ln.split("\t", 1)[0]))
         rows.sort(key=lambda ln: int(ln.split("\t", 1)[0]))
         if rows:
+            self._drop_torn_line()  # a merge killed mid-write: never glue a row onto its tail
             with open(self.path, "a") as f:
                 f.write("\n".join(rows) + "\n")
         for p in parts:
