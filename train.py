@@ -1,6 +1,7 @@
 """Train one stage: `python train.py denoiser=dncnn sigma=0.5` (the rejector, the main job),
 `python train.py stage=classifier ...`, `python train.py stage=denoiser ...`. See conf/train.yaml."""
 
+import os
 import sys
 
 import hydra
@@ -19,8 +20,10 @@ def main(cfg: DictConfig) -> float | None:
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    print(f"outputs: {result['output_dir']}" + (f"\nexported: {result['export']}"
-                                                 if result.get("export") else ""))
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0:  # one report, not one per DDP process
+        print(f"outputs: {result['output_dir']}")
+        if result.get("export"):
+            print(f"exported: {result['export']}")
     return result["metrics"].get(cfg.stage.monitor)  # what a Hydra sweeper optimises
 
 

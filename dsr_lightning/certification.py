@@ -14,10 +14,18 @@ from omegaconf import DictConfig, OmegaConf
 
 from dsr_lightning.models import SmoothingSystem, build_arch, freeze
 from dsr_lightning.models.checkpoint import load_state_dict_strict
-from dsr_lightning.smoothing import BOUNDS, check_alpha, check_bound, check_positive_int
+from dsr_lightning.smoothing import (
+    BOUNDS,
+    check_alpha,
+    check_bound,
+    check_positive,
+    check_positive_int,
+    check_stages,
+)
 from dsr_lightning.tasks.certify import (
     CERTIFY_COLUMNS,
     PREDICT_COLUMNS,
+    STAGED_COLUMNS,
     CertifyModule,
     FastBase,
     ResultsFile,
@@ -94,8 +102,20 @@ def validate(cfg: DictConfig) -> None:
                           "the estimation draws N (e.g. N0=100, N=10000)")
     if float(cfg.sigma) <= 0:
         raise ConfigError(f"sigma={cfg.sigma}: the noise level must be > 0")
-    if cfg.mode not in ("certify", "predict"):
-        raise ConfigError(f"mode={cfg.mode!r}: choose certify or predict")
+    if cfg.mode not in ("certify", "predict", "staged"):
+        raise ConfigError(f"mode={cfg.mode!r}: choose certify, predict or staged")
+    if cfg.mode == "staged":
+        if cfg.get("radius") is None:
+            raise ConfigError("mode=staged certifies at one target radius: set radius=<r> "
+                              "(L2, pixel units of [0,1] images, like sigma)")
+        try:
+            check_positive("radius", cfg.radius)
+            stages, _ = check_stages(list(cfg.stages or []), list(cfg.stage_weights or []))
+        except (ValueError, TypeError) as e:
+            raise ConfigError(str(e)) from e
+        if stages[-1] != n:
+            raise ConfigError(f"mode=staged: N={n} must equal the last of stages={list(stages)} "
+                              f"(N names the results file and its record): set N={stages[-1]}")
     if cfg.system.name != "rejection" and bound != "cohen":
         raise ConfigError(f"bound={bound} needs a reject class; system={cfg.system.name} has none: "
                           "use bound=cohen")
@@ -107,7 +127,14 @@ def settings_of(cfg: DictConfig, sources: dict) -> dict:
             "N0": int(cfg.N0), "N": int(cfg.N), "alpha": float(cfg.alpha),
             "bound": cfg.bound, "split": cfg.split, "seed": int(cfg.seed), "bf16": bool(cfg.bf16),
             **sources, "skip": int(cfg.skip), "max": int(cfg.max), "batch": int(cfg.batch),
-            "data": cfg.data._target_.rsplit(".", 1)[-1]}
+            "data": cfg.data._target_.rsplit(".", 1)[-1],
+            **(staged_settings(cfg) if cfg.mode == "staged" else {})}
+
+
+def staged_settings(cfg: DictConfig) -> dict:
+    """mode=staged only, so records of the other modes (and files written before) stay valid."""
+    return {"radius": float(cfg.radius), "stages": [int(s) for s in cfg.stages],
+            "stage_weights": [float(w) for w in cfg.stage_weights]}
 
 
 def certify(cfg: DictConfig) -> dict:
@@ -115,7 +142,8 @@ def certify(cfg: DictConfig) -> dict:
     validate(cfg)
     system, sources = build_system(cfg)
     settings = settings_of(cfg, sources)
-    columns = CERTIFY_COLUMNS if cfg.mode == "certify" else PREDICT_COLUMNS
+    columns = {"certify": CERTIFY_COLUMNS, "predict": PREDICT_COLUMNS,
+               "staged": STAGED_COLUMNS}[cfg.mode]
     results = ResultsFile(cfg.outfile, settings, columns)
     main_process = int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
     if main_process and results.path.exists():
@@ -134,7 +162,8 @@ def certify(cfg: DictConfig) -> dict:
         base = FastBase(system, bf16=cfg.bf16, channels_last=cfg.channels_last)
         module = CertifyModule(base, cfg.sigma, int(cfg.N0), int(cfg.N), float(cfg.alpha),
                                int(cfg.batch), cfg.bound, cfg.mode, int(cfg.seed), dataset, todo,
-                               int(cfg.images_per_step))
+                               int(cfg.images_per_step), **(staged_settings(cfg)
+                                                            if cfg.mode == "staged" else {}))
         trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=[RowWriter(results)], logger=False,
                                           use_distributed_sampler=False)
         trainer.predict(module, return_predictions=False)

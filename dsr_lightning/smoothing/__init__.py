@@ -10,9 +10,11 @@ from .checks import (
     check_positive_int,
 )
 from .engine import Certificate, SmoothedClassifier, sample_counts
+from .staged import StagedCertificate, certify_staged, check_stages, staged_look
 
 __all__ = [
     "ABSTAIN", "BOUNDS", "Certificate", "CertifyDetails", "SmoothedClassifier", "certify_counts",
     "certify_details", "check_alpha", "check_bound", "check_counts", "check_positive",
     "check_positive_int", "cp_lower", "cp_upper", "predict_counts", "sample_counts",
+    "StagedCertificate", "certify_staged", "check_stages", "staged_look",
 ]

@@ -16,7 +16,13 @@ from pytorch_lightning.callbacks import BasePredictionWriter
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from dsr_lightning.smoothing import ABSTAIN, SmoothedClassifier, predict_counts, sample_counts
+from dsr_lightning.smoothing import (
+    ABSTAIN,
+    SmoothedClassifier,
+    certify_staged,
+    predict_counts,
+    sample_counts,
+)
 from dsr_lightning.tasks.networks import ConfigError
 
 # The reference columns first, in their order, so existing analysis scripts read the file.
@@ -24,9 +30,13 @@ REFERENCE_COLUMNS = ["idx", "label", "predict", "radius", "correct", "time"]
 CERTIFY_COLUMNS = REFERENCE_COLUMNS + [
     "n_A", "n_R", "n_B", "N", "pA_lower", "pAR_lower", "pB_upper", "c_hat"]
 PREDICT_COLUMNS = ["idx", "label", "predict", "correct", "time", "n_A", "n_R", "n_B", "N"]
+# mode=staged: the certificate of the stopping look (N its cumulative draws), that look's index,
+# the draws spent (N0 + N), the target radius and whether the certificate reaches it
+STAGED_COLUMNS = CERTIFY_COLUMNS + ["stage", "draws", "target_radius", "certified_at_target"]
 # Settings that change the numbers: a results file is only ever extended under the same ones.
+# The last three are recorded in mode=staged only (absent, i.e. None, in other modes' records).
 IDENTITY_KEYS = ("mode", "system", "sigma", "N0", "N", "alpha", "bound", "split", "seed", "bf16",
-                 "classifier", "denoiser", "rejector")
+                 "classifier", "denoiser", "rejector", "radius", "stages", "stage_weights")
 
 
 class FastBase(nn.Module):
@@ -63,19 +73,23 @@ class Indexed(Dataset):
 
 
 class CertifyModule(pl.LightningModule):
-    """predict_step: certify (or predict, Algorithm 1) a batch of images; returns one row per image.
-    Each step's noise comes from a generator seeded by (seed, first index), so a resumed or sharded
-    run draws the same noise for the same step composition."""
+    """predict_step: certify (or predict, Algorithm 1; or 'staged': certify at the target `radius`
+    with cumulative `stages` of draws and α split by `stage_weights`, see
+    smoothing.certify_staged) a batch of images; returns one row per image. Each step's noise
+    comes from a generator seeded by (seed, first index), so a resumed or sharded run draws the
+    same noise for the same step composition."""
 
     def __init__(self, base: nn.Module, sigma: float, N0: int, N: int, alpha: float, batch: int,
                  bound: str, mode: str, seed: int, dataset: Dataset, todo: list[int],
-                 images_per_step: int = 4):
+                 images_per_step: int = 4, radius: float | None = None,
+                 stages: list[int] | None = None, stage_weights: list[float] | None = None):
         super().__init__()
         self.base = base
         self.smoothed = SmoothedClassifier(base, base.num_classes, sigma)
         self.N0, self.N, self.alpha, self.batch, self.bound = N0, N, alpha, batch, bound
         self.mode, self.seed, self.dataset, self.todo = mode, seed, dataset, todo
         self.images_per_step = images_per_step
+        self.radius, self.stages, self.stage_weights = radius, stages, stage_weights
 
     def predict_dataloader(self) -> DataLoader:
         # Each rank takes its own shard of the remaining indices. Lightning refuses an empty loader
@@ -93,6 +107,13 @@ class CertifyModule(pl.LightningModule):
             cert = self.smoothed.certify(x, self.N0, self.N, self.alpha, self.batch, self.bound, gen)
             cols = cert.columns()
             pred = cols["prediction"]
+        elif self.mode == "staged":
+            cert = certify_staged(self.base, x, self.N0, self.stages, self.stage_weights,
+                                  self.alpha, self.smoothed.sigma, self.radius, self.batch,
+                                  self.bound, generator=gen)
+            cols = {**cert.columns(), "target_radius": np.full(len(idx), cert.target),
+                    "certified_at_target": cert.certified.astype(np.int64)}
+            pred = cols["prediction"]
         else:
             counts = sample_counts(self.base, x, self.N, self.smoothed.sigma, self.batch,
                                    generator=gen).numpy()          # (B, K+1)
@@ -109,9 +130,10 @@ class CertifyModule(pl.LightningModule):
         for i in range(len(idx)):
             row = {"idx": int(idx[i]), "label": int(labels[i]), "predict": int(pred[i]),
                    "correct": int(pred[i] == labels[i]), "time": round(dt, 4)}
-            if self.mode == "certify":
+            if "radius" in cols:
                 row["radius"] = float(cols["radius"][i])
-            for k in ("n_A", "n_R", "n_B", "N", "pA_lower", "pAR_lower", "pB_upper", "c_hat"):
+            for k in ("n_A", "n_R", "n_B", "N", "pA_lower", "pAR_lower", "pB_upper", "c_hat",
+                      "stage", "draws", "target_radius", "certified_at_target"):
                 if k in cols:
                     row[k] = cols[k][i]
             rows.append(row)
