@@ -108,6 +108,8 @@ def reference_certify(base, x, n0, n, sigma, alpha, batch, bound, ref_count):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--system", choices=["tiny", "paper", "linear"], default="tiny")
+    p.add_argument("--rejector-ckpt", default=None,
+                   help="a trained f_R instead: a rejector checkpoint of train.py (e.g. the demo's)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--images", type=int, default=4)
     p.add_argument("--n0", type=int, default=100)
@@ -130,7 +132,14 @@ def main():
     device = torch.device(a.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
-    system = build_system(a.system).to(device)
+    if a.rejector_ckpt:
+        from dsr_lightning.certification import load_rejection_system
+
+        system, _ = load_rejection_system(a.rejector_ckpt)
+        a.system = a.rejector_ckpt
+    else:
+        system = build_system(a.system)
+    system = system.to(device)
     if a.channels_last:
         system = system.to(memory_format=torch.channels_last)
     base = make_base(system, device, a.bf16, a.channels_last)

@@ -37,7 +37,7 @@ step "3/4 rejector heads (T=$REJ_T)"
 
 step "4/4 certification: $IMAGES test images, N=$N"
 cert=(experiment=demo "sigma=$SIGMA" "pretrained_root=$OUT/pretrained_models" "N=$N" N0=100
-      "max=$IMAGES" batch=550 images_per_step=2 "outdir=$OUT/results")
+      "max=$IMAGES" batch=100 images_per_step=2 channels_last=true "outdir=$OUT/results")
 "$PY" certify.py system=rejection "rejector_ckpt=$OUT/runs/rejector/checkpoints/best.ckpt" \
     "${cert[@]}" "hydra.run.dir=$OUT/runs/certify_rejection"
 "$PY" certify.py system=denoised "${cert[@]}" "hydra.run.dir=$OUT/runs/certify_denoised"
