@@ -33,7 +33,7 @@ def staged_run(tiny_pretrained, rejector, tmp_path_factory) -> Path:
 
 def test_staged_results_file(staged_run, rejector):
     path = staged_run
-    assert path.name.endswith("_paper_staged.tsv")
+    assert path.name.endswith(f"_paper_staged_r{RADIUS}.tsv")
     assert path.read_text().split("\n", 1)[0].split("\t") == STAGED_COLUMNS
     assert STAGED_COLUMNS[:6] == REFERENCE_COLUMNS and STAGED_COLUMNS[:14] == CERTIFY_COLUMNS
     df = pd.read_csv(path, sep="\t")

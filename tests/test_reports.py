@@ -139,6 +139,11 @@ def test_summary_table_radii_and_labels(files):
     assert labels == ["bare", "plain σ=0.25 [plain]", "plain σ=0.25 [twin]"]
     (files[0].parent / "bare.tsv.json").write_text(json.dumps({"label": "my run"}))
     assert summary_frame([bare], radii=[0])["label"].tolist() == ["my run"]
+    # a staged file says so: only its accuracy at the target compares with fixed-N files
+    staged = write_tsv(files[0].parent / "staged.tsv", PLAIN_ROWS, settings={
+        "system": "plain", "sigma": 0.25, "mode": "staged", "radius": 0.5})
+    assert summary_frame([staged], radii=[0])["label"].tolist() == [
+        "plain σ=0.25 [staged, target r=0.5]"]
 
 
 def test_bad_files(tmp_path):

@@ -119,6 +119,10 @@ def display_label(path, settings: dict) -> str:
         parts.append(f"σ={float(settings['sigma']):g}")
     if system == "rejection" and settings.get("bound"):
         parts.append(f"({settings['bound']})")
+    if settings.get("mode") == "staged":
+        # staged files answer one question: only the certified accuracy at this radius is
+        # comparable with fixed-N files (their radii stop once the target is reached)
+        parts.append(f"[staged, target r={float(settings['radius']):g}]")
     return " ".join(parts)
 
 
