@@ -12,7 +12,7 @@ install: ## Create .venv and install the package with the pinned CI stack (torch
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c requirements/ci-constraints.txt -e ".[dev]"
 
-demo: install ## Install, then the whole pipeline on the embedded CIFAR-10 subset (CPU, ~12 min)
+demo: install ## Install, then the whole pipeline on the embedded CIFAR-10 subset (CPU, about 6 min)
 	PY=$(PY) bash scripts/demo.sh
 
 test: install ## Run the test suite (fast tests; CPU only)

@@ -15,7 +15,6 @@ from omegaconf import DictConfig, OmegaConf
 from dsr_lightning.models import SmoothingSystem, build_arch, freeze
 from dsr_lightning.models.checkpoint import load_state_dict_strict
 from dsr_lightning.smoothing import (
-    BOUNDS,
     check_alpha,
     check_bound,
     check_positive,
@@ -119,7 +118,8 @@ def validate(cfg: DictConfig) -> None:
     if cfg.system.name != "rejection" and bound != "cohen":
         raise ConfigError(f"bound={bound} needs a reject class; system={cfg.system.name} has none: "
                           "use bound=cohen")
-    assert bound in BOUNDS
+    if cfg.split not in ("train", "val", "test"):
+        raise ConfigError(f"split={cfg.split!r}: choose test, val or train")
 
 
 def settings_of(cfg: DictConfig, sources: dict) -> dict:

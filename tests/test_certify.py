@@ -273,6 +273,7 @@ BAD = {  # overrides: what the error message must say
     "unknown bound": (["bound=cp"], "bound must be one of"),
     "unknown mode": (["mode=guess"], "mode='guess'"),
     "N 0": (["N=0", "N0=0"], "must be an integer >= 1"),
+    "unknown split": (["split=validation"], "split='validation'"),
 }
 
 

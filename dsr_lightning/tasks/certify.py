@@ -40,7 +40,7 @@ IDENTITY_KEYS = ("mode", "system", "sigma", "N0", "N", "alpha", "bound", "split"
 
 
 class FastBase(nn.Module):
-    """f_R with the speed options: channels_last input and bf16 autocast on CUDA."""
+    """f_R with the speed options: channels_last input and bf16 autocast (CUDA, or a CPU with bf16)."""
 
     def __init__(self, system: nn.Module, bf16: bool = False, channels_last: bool = False):
         super().__init__()
