@@ -9,15 +9,6 @@ from dsr_lightning.smoothing import ABSTAIN, SmoothedClassifier, sample_counts
 K = 3  # real classes; label 3 = reject
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny chunks on a shared 2-core machine: one intra-op thread is faster and steadier."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class Recorder(torch.nn.Module):
     """Keeps every chunk it sees. Image i is the constant 100·i, so the image a sample came from
     is round(mean/100); the label mixes that image id with the sign of one noise pixel."""

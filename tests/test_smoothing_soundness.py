@@ -32,16 +32,6 @@ from dsr_lightning.smoothing import (
 ALPHA, N, N0 = 0.01, 1000, 100
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small chunks on a shared 2-core machine: OpenMP barriers under load made the engine ~10×
-    slower with 2 intra-op threads than with 1 (measured 13 s vs 1.1 s for one certify call)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class Intervals:
     """u-axis cut at `edges` into intervals labelled `labels` (K = reject); noise σ."""
 

@@ -32,14 +32,6 @@ TWO = ((40, 400), (0.3, 0.7))  # a two-look design small enough to enumerate on 
 BRIEF = ((100, 1000, 10_000), (0.1, 0.2, 0.7))  # DESIGN.md §7's example
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ---------------------------------------------------------------- exact probabilities (K = 2)
 
 def grid(n, c, p, K=2):
