@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from dsr_lightning.smoothing import (
     ABSTAIN,
     SmoothedClassifier,
+    certify_details,
     certify_staged,
     predict_counts,
     sample_counts,
@@ -118,12 +119,10 @@ class CertifyModule(pl.LightningModule):
             counts = sample_counts(self.base, x, self.N, self.smoothed.sigma, self.batch,
                                    generator=gen).numpy()          # (B, K+1)
             pred = predict_counts(counts, self.alpha)
-            real = counts[:, :-1]
-            top = np.where(pred == ABSTAIN, real.argmax(1), pred)
-            others = real.copy()
-            others[np.arange(len(top)), top] = -1
-            cols = {"n_A": real[np.arange(len(top)), top], "n_R": counts[:, -1],
-                    "n_B": others.max(1), "N": counts.sum(1)}
+            top = np.where(pred == ABSTAIN, counts[:, :-1].argmax(1), pred)
+            # the counts of the answer (or the top class on abstain) and of the runner-up
+            d = certify_details(counts, top, self.smoothed.sigma, self.alpha, "cohen").columns()
+            cols = {k: d[k] for k in ("n_A", "n_R", "n_B", "N")}
         dt = (time.perf_counter() - t0) / len(idx)  # the step's time, shared by its images
         labels = y.cpu().numpy()
         rows = []
