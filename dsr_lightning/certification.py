@@ -146,13 +146,10 @@ def certify(cfg: DictConfig) -> dict:
                "staged": STAGED_COLUMNS}[cfg.mode]
     results = ResultsFile(cfg.outfile, settings, columns)
     main_process = int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
-    if main_process and results.path.exists():
-        results.check()          # refuse other settings before touching anything
-        results.merge_parts()    # shards of a killed multi-device run
-    done = results.check()
-    dm = instantiate(cfg.data)
-    dm.setup("test" if cfg.split == "test" else "fit")
-    dataset = dm.dataset(cfg.split)
+    # other settings are refused before anything is touched; then the shards of a killed
+    # multi-device run are folded in (by the main process only)
+    done = results.merge_parts() if main_process and results.path.exists() else results.check()
+    dataset = instantiate(cfg.data).dataset(cfg.split)  # prepares and sets up what it needs
     stop = len(dataset) if int(cfg.max) < 0 else min(int(cfg.max), len(dataset))
     todo = [i for i in range(0, stop, int(cfg.skip)) if i not in done]
     if main_process:

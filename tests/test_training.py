@@ -438,6 +438,24 @@ def test_denoiser_sigma_mismatch_is_refused(tiny_pretrained, tiny_cfg):
         train(cfg)
 
 
+def test_legacy_format_denoiser_loads_and_sigma_is_checked(tiny_pretrained, tmp_path):
+    # published files of the time may use torch's legacy (pre-zip) format, which cannot be mmapped
+    from dsr_lightning.tasks import load_frozen
+
+    ckpt = torch.load(tiny_pretrained.denoisers[0.25], map_location="cpu", weights_only=True)
+    legacy = tmp_path / "noise_0.25" / "checkpoint.pth.tar"
+    legacy.parent.mkdir()
+    torch.save(ckpt, legacy, _use_new_zipfile_serialization=False)
+    spec = OmegaConf.create({"name": "dncnn_tiny", "arch": ckpt["arch"], "path": str(legacy)})
+    net = load_frozen("denoiser", spec, sigma=0.25)
+    assert not net.training and not any(p.requires_grad for p in net.parameters())
+    with pytest.raises(ConfigError, match=r"trained for sigma=0.25, but sigma=0.5"):
+        load_frozen("denoiser", spec, sigma=0.5)
+    legacy.write_bytes(b"not a checkpoint")  # unreadable: the loader's own error, naming the file
+    with pytest.raises(ValueError, match=str(legacy)):
+        load_frozen("denoiser", spec, sigma=0.25)
+
+
 @pytest.mark.parametrize("override,match", [("stage.name=foo", "stage='foo'"),
                                             ("rejector.target=foo", "rejector.target='foo'"),
                                             ("rejector.head=foo", "rejector.head='foo'")])

@@ -201,8 +201,9 @@ class ResultsFile:
     def part(self, rank: int) -> Path:
         return Path(f"{self.path}.rank{rank}")
 
-    def merge_parts(self) -> int:
-        """Fold shard files of a multi-device run into the results file, in index order."""
+    def merge_parts(self) -> set[int]:
+        """Fold shard files of a multi-device run into the results file, in index order (the
+        settings are checked first); returns the indices the file then holds."""
         parts = sorted(self.path.parent.glob(self.path.name + ".rank*"))
         rows, done = [], self.check()
         for p in parts:
@@ -217,7 +218,7 @@ class ResultsFile:
                 f.write("\n".join(rows) + "\n")
         for p in parts:
             p.unlink()
-        return len(rows)
+        return done
 
 
 class RowWriter(BasePredictionWriter):

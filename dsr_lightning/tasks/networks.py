@@ -34,6 +34,17 @@ def sigma_of(ckpt: dict, path: str | Path) -> float | None:
     return float(m.group(1)) if m else None
 
 
+def _entries(path: Path) -> dict | None:
+    """The checkpoint's entries, tensors memory-mapped where the format allows (files saved in
+    the legacy, pre-zip format cannot be mapped and are read whole); None if unreadable."""
+    for mmap in (True, False):
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except Exception:
+            continue
+    return None
+
+
 def load_frozen(role: str, spec, sigma: float | None = None) -> nn.Module:
     """Load the frozen `role` network ('classifier' | 'denoiser') described by a config node
     (name, arch, path): eval mode, no gradients. A denoiser trained for another σ is refused."""
@@ -45,16 +56,17 @@ def load_frozen(role: str, spec, sigma: float | None = None) -> nn.Module:
             f"  Either place {PUBLISHED[role]} there (or point {role}.path=... at it),\n"
             f"  or train one here: {hint}"
         )
-    net = load_checkpoint(path, arch=spec.get("arch"))  # a different arch in the file is refused
-    if role == "denoiser" and sigma is not None:
-        # mmap: reads only the small entries, not the weights a second time
-        trained = sigma_of(torch.load(path, map_location="cpu", weights_only=True, mmap=True), path)
+    if role == "denoiser" and sigma is not None:  # before the load: a mismatch costs nothing
+        entries = _entries(path)
+        if entries is None:  # unreadable: load_checkpoint says why, naming the file
+            return load_checkpoint(path, arch=spec.get("arch"))
+        trained = sigma_of(entries, path)
         if trained is not None and abs(trained - float(sigma)) > 1e-6:
             raise ConfigError(
                 f"denoiser {path} was trained for sigma={trained:g}, but sigma={float(sigma):g}: "
                 f"use the denoiser for sigma={float(sigma):g} or set sigma={trained:g}"
             )
-    return net
+    return load_checkpoint(path, arch=spec.get("arch"))  # a different arch in the file is refused
 
 
 def build_fresh(spec) -> nn.Module:
