@@ -1,168 +1,266 @@
 """`certify(cfg)`: certify (or predict) a data split with one of three systems, through one path:
 rejection (f_R = classifier + denoiser + rejector heads, rebuilt from the rejector checkpoint),
-denoised (classifier + denoiser: Salman et al.) and plain (classifier: Cohen et al.)."""
+denoised (classifier + denoiser: Salman et al.) and plain (classifier: Cohen et al.).
+`certify_after_fit` runs the same function for train.py's `certify=...` after fit."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
 import pytorch_lightning as pl
-import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-from dsr_lightning.models import SmoothingSystem, build_arch, freeze
+from dsr_lightning.errors import CheckpointError, ConfigError
+from dsr_lightning.models import SmoothingSystem, build_arch, freeze, read_checkpoint
 from dsr_lightning.models.checkpoint import load_state_dict_strict
-from dsr_lightning.smoothing import (
-    check_alpha,
-    check_bound,
-    check_positive,
-    check_positive_int,
-    check_stages,
-)
-from dsr_lightning.tasks.certify import (
-    CERTIFY_COLUMNS,
-    PREDICT_COLUMNS,
-    STAGED_COLUMNS,
-    CertifyModule,
-    FastBase,
-    ResultsFile,
-    RowWriter,
-)
-from dsr_lightning.tasks.networks import ConfigError, load_frozen
+from dsr_lightning.results import COLUMNS, ResultsFile
+from dsr_lightning.schema import check_certify
+from dsr_lightning.smoothing import NOISE_BLOCK, check_stages
+from dsr_lightning.tasks.certify import CertifyModule, FastBase, RowWriter
+from dsr_lightning.tasks.networks import load_frozen
 
-SYSTEMS = ("rejection", "denoised", "plain")
+NOISE = f"image-blocks/{NOISE_BLOCK}/v1"  # the noise scheme: smoothing.ImageNoise, keyed by idx
+
+
+def sha256_of(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def load_rejection_system(path: str | Path, sigma: float | None = None) -> tuple[SmoothingSystem, dict]:
-    """f_R rebuilt from a rejector checkpoint of train.py alone (it holds f, D and the heads, and
-    the resolved config). A σ other than the one the rejector was trained for is refused."""
+    """f_R rebuilt from a rejector checkpoint of train.py alone (it holds f, D and the heads, the
+    threshold and the resolved config). A σ other than the one the rejector was trained for is
+    refused; so are unreadable files, other stages' checkpoints and non-finite weights."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"rejector checkpoint not found: {path}\n  Train one with "
                           "`python train.py denoiser=... sigma=...` and pass "
                           "rejector_ckpt=<run>/checkpoints/best.ckpt")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)  # our own Lightning file
+    ckpt = read_checkpoint(path, weights_only=False)  # our own Lightning file
     run = ckpt.get("dsr_config") if isinstance(ckpt, dict) else None
-    if not run or run.get("stage", {}).get("name") != "rejector":
-        raise ConfigError(f"{path} is not a rejector checkpoint of train.py (no rejector config)")
+    if not isinstance(run, dict) or run.get("stage", {}).get("name") != "rejector":
+        raise CheckpointError(f"{path} is not a rejector checkpoint of train.py (no rejector "
+                              "config); pass rejector_ckpt=<run>/checkpoints/best.ckpt of a "
+                              "rejector run")
     if sigma is not None and abs(float(run["sigma"]) - float(sigma)) > 1e-9:
         raise ConfigError(f"the rejector {path} was trained for sigma={run['sigma']:g}, but "
                           f"sigma={float(sigma):g} was asked: certify with sigma={run['sigma']:g} "
                           "or train a rejector for this sigma")
+    threshold = ckpt.get("dsr_threshold", {}).get("value", run["rejector"].get("threshold", 0.0))
+    if threshold == "auto":
+        raise CheckpointError(f"{path}: rejector.threshold=auto was never chosen for these weights "
+                              "(the run ended before the choice?); certify best.ckpt of a finished "
+                              "run, or pass a checkpoint trained with a numeric threshold")
     clf = build_arch(run["classifier"]["arch"], **(run["classifier"].get("arch_kwargs") or {}))
     den = build_arch(run["denoiser"]["arch"], **(run["denoiser"].get("arch_kwargs") or {}))
     rej = instantiate(OmegaConf.create(run["rejector"]["net"]))(
         num_classes=clf.num_classes, feature_channels=clf.feature_channels)
-    sd = ckpt["state_dict"]
+    sd = ckpt.get("state_dict")
+    if not isinstance(sd, dict):
+        raise CheckpointError(f"{path}: no state_dict; not a checkpoint of train.py")
     for name, net in (("classifier", clf), ("denoiser", den), ("rejector", rej)):
         part = {k[len(name) + 1:]: v for k, v in sd.items() if k.startswith(name + ".")}
         load_state_dict_strict(net, part, source=f"{path} ({name})")
-    system = SmoothingSystem(freeze(clf), freeze(den), freeze(rej),
-                             threshold=run["rejector"].get("threshold", 0.0))
+    system = SmoothingSystem(freeze(clf), freeze(den), freeze(rej), threshold=float(threshold))
+    run["_wandb"] = ckpt.get("dsr_wandb")
+    run["_threshold"] = ckpt.get("dsr_threshold")
     return system, run
 
 
 def build_system(cfg: DictConfig) -> tuple[SmoothingSystem, dict]:
-    """The base classifier of the chosen system, and what it was built from (for the record)."""
+    """The base classifier of the chosen system, and what it was built from: the paths, the
+    sha256 of each checkpoint's content, and a description for reports."""
     name = cfg.system.name
     if name == "rejection":
         if not cfg.get("rejector_ckpt"):
             raise ConfigError("system=rejection needs rejector_ckpt=<a rejector checkpoint of "
                               "train.py> (or choose system=denoised|plain)")
         system, run = load_rejection_system(cfg.rejector_ckpt, cfg.sigma)
-        return system, {"classifier": run["classifier"]["path"], "denoiser": run["denoiser"]["path"],
-                        "rejector": str(Path(cfg.rejector_ckpt).resolve())}
-    if name not in SYSTEMS:
-        raise ConfigError(f"system={name!r}: choose one of {', '.join(SYSTEMS)}")
+        path = Path(cfg.rejector_ckpt).resolve()
+        return system, {
+            "classifier": run["classifier"]["path"], "denoiser": run["denoiser"]["path"],
+            "rejector": str(path), "classifier_sha256": None, "denoiser_sha256": None,
+            "rejector_sha256": sha256_of(path), "threshold": system.threshold,
+            "run": {"classifier": run["classifier"]["name"], "denoiser": run["denoiser"]["name"],
+                    "objective": run["denoiser"].get("objective"), "T": run["T"],
+                    "head": run["rejector"]["head"], "target": run["rejector"]["target"],
+                    "threshold_choice": run["_threshold"], "wandb": run["_wandb"]}}
     clf = load_frozen("classifier", cfg.classifier)
     den = load_frozen("denoiser", cfg.denoiser, sigma=cfg.sigma) if name == "denoised" else None
-    return SmoothingSystem(clf, den), {"classifier": str(cfg.classifier.path),
-                                       "denoiser": str(cfg.denoiser.path) if den else None,
-                                       "rejector": None}
+    return SmoothingSystem(clf, den), {
+        "classifier": str(cfg.classifier.path), "denoiser": str(cfg.denoiser.path) if den else None,
+        "rejector": None, "classifier_sha256": sha256_of(cfg.classifier.path),
+        "denoiser_sha256": sha256_of(cfg.denoiser.path) if den else None, "rejector_sha256": None,
+        "run": {"classifier": cfg.classifier.name, "noise_sd": float(cfg.classifier.noise_sd),
+                "denoiser": cfg.denoiser.name if den else None,
+                "objective": cfg.denoiser.objective if den else None, "T": None}}
 
 
-def validate(cfg: DictConfig) -> None:
-    """Every check on the numbers before anything is loaded or written."""
-    if cfg.system.name not in SYSTEMS:  # first: the bound check below would blame the bound
-        raise ConfigError(f"system={cfg.system.name!r}: choose one of {', '.join(SYSTEMS)}")
+def settings_of(cfg: DictConfig, sources: dict, data: dict, device: str) -> dict:
+    """The settings record of a results file (results.IDENTITY_KEYS and a description)."""
+    from dsr_lightning.results import FORMAT
+
+    staged = cfg.mode == "staged"
+    return {"format": FORMAT, "mode": cfg.mode, "system": cfg.system.name,
+            "sigma": float(cfg.sigma), "N0": int(cfg.N0), "N": int(cfg.N),
+            "alpha": float(cfg.alpha), "bound": cfg.bound, "split": cfg.split,
+            "seed": int(cfg.seed), "noise": NOISE, "device": device, "bf16": bool(cfg.bf16),
+            "channels_last": bool(cfg.channels_last), "data": data, **sources,
+            "skip": int(cfg.skip), "max": int(cfg.max), "batch": int(cfg.batch),
+            # mode=staged only (absent, i.e. None, in the other modes' records)
+            **({"radius": float(cfg.radius), "stages": [int(s) for s in cfg.stages],
+                "stage_weights": list(check_stages(list(cfg.stages), _weights(cfg))[1])}
+               if staged else {})}
+
+
+def _weights(cfg: DictConfig) -> list[float] | None:
+    return None if cfg.stage_weights is None else list(cfg.stage_weights)
+
+
+def _validate_staged(cfg: DictConfig) -> None:
     try:
-        check_alpha(cfg.alpha)
-        n0, n = check_positive_int("N0", cfg.N0), check_positive_int("N", cfg.N)
-        check_positive_int("batch", cfg.batch)
-        check_positive_int("images_per_step", cfg.images_per_step)
-        check_positive_int("skip", cfg.skip)
-        bound = check_bound(cfg.bound)
-    except ValueError as e:
+        stages, _ = check_stages(list(cfg.stages or []), _weights(cfg))
+    except (ValueError, TypeError) as e:
         raise ConfigError(str(e)) from e
-    if n0 > n:
-        raise ConfigError(f"N0={n0} > N={n}: the selection draws N0 should be a small fraction of "
-                          "the estimation draws N (e.g. N0=100, N=10000)")
-    if float(cfg.sigma) <= 0:
-        raise ConfigError(f"sigma={cfg.sigma}: the noise level must be > 0")
-    if cfg.mode not in ("certify", "predict", "staged"):
-        raise ConfigError(f"mode={cfg.mode!r}: choose certify, predict or staged")
-    if cfg.mode == "staged":
-        if cfg.get("radius") is None:
-            raise ConfigError("mode=staged certifies at one target radius: set radius=<r> "
-                              "(L2, pixel units of [0,1] images, like sigma)")
-        try:
-            check_positive("radius", cfg.radius)
-            stages, _ = check_stages(list(cfg.stages or []), list(cfg.stage_weights or []))
-        except (ValueError, TypeError) as e:
-            raise ConfigError(str(e)) from e
-        if stages[-1] != n:
-            raise ConfigError(f"mode=staged: N={n} must equal the last of stages={list(stages)} "
-                              f"(N names the results file and its record): set N={stages[-1]}")
-    if cfg.system.name != "rejection" and bound != "cohen":
-        raise ConfigError(f"bound={bound} needs a reject class; system={cfg.system.name} has none: "
-                          "use bound=cohen")
-    if cfg.split not in ("train", "val", "test"):
-        raise ConfigError(f"split={cfg.split!r}: choose test, val or train")
+    if stages[-1] != cfg.N:
+        raise ConfigError(f"mode=staged: N={cfg.N} must equal the last of stages={list(stages)} "
+                          f"(N names the results file and its record): set N={stages[-1]}")
 
 
-def settings_of(cfg: DictConfig, sources: dict) -> dict:
-    return {"mode": cfg.mode, "system": cfg.system.name, "sigma": float(cfg.sigma),
-            "N0": int(cfg.N0), "N": int(cfg.N), "alpha": float(cfg.alpha),
-            "bound": cfg.bound, "split": cfg.split, "seed": int(cfg.seed), "bf16": bool(cfg.bf16),
-            **sources, "skip": int(cfg.skip), "max": int(cfg.max), "batch": int(cfg.batch),
-            "data": cfg.data._target_.rsplit(".", 1)[-1],
-            **(staged_settings(cfg) if cfg.mode == "staged" else {})}
+def _device_type(trainer: pl.Trainer) -> str:
+    try:
+        return trainer.strategy.root_device.type
+    except Exception:  # noqa: BLE001 - strategies that know their device only later
+        return str(type(trainer.accelerator).__name__).removesuffix("Accelerator").lower()
 
 
-def staged_settings(cfg: DictConfig) -> dict:
-    """mode=staged only, so records of the other modes (and files written before) stay valid."""
-    return {"radius": float(cfg.radius), "stages": [int(s) for s in cfg.stages],
-            "stage_weights": [float(w) for w in cfg.stage_weights]}
+def _main_process() -> bool:
+    return int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
 
 
 def certify(cfg: DictConfig) -> dict:
-    """Certify the configured split; rows stream to cfg.outfile. Returns paths and counts."""
-    validate(cfg)
-    system, sources = build_system(cfg)
-    settings = settings_of(cfg, sources)
-    columns = {"certify": CERTIFY_COLUMNS, "predict": PREDICT_COLUMNS,
-               "staged": STAGED_COLUMNS}[cfg.mode]
-    results = ResultsFile(cfg.outfile, settings, columns)
-    main_process = int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
-    # other settings are refused before anything is touched; then the shards of a killed
-    # multi-device run are folded in (by the main process only)
-    done = results.merge_parts() if main_process and results.path.exists() else results.check()
-    dataset = instantiate(cfg.data).dataset(cfg.split)  # prepares and sets up what it needs
-    stop = len(dataset) if int(cfg.max) < 0 else min(int(cfg.max), len(dataset))
-    todo = [i for i in range(0, stop, int(cfg.skip)) if i not in done]
-    if main_process:
-        results.open()
-    print(f"certify: {len(todo)} images to go ({len(done)} already in {results.path})", flush=True)
-    if todo:
-        base = FastBase(system, bf16=cfg.bf16, channels_last=cfg.channels_last)
-        module = CertifyModule(base, cfg.sigma, int(cfg.N0), int(cfg.N), float(cfg.alpha),
-                               int(cfg.batch), cfg.bound, cfg.mode, int(cfg.seed), dataset, todo,
-                               int(cfg.images_per_step), **(staged_settings(cfg)
-                                                            if cfg.mode == "staged" else {}))
-        trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=[RowWriter(results)], logger=False,
+    """Certify the configured split; rows stream to cfg.outfile, written by this process alone.
+    Returns the paths, the counts, the summary of the whole file and its Markdown table row."""
+    check_certify(cfg)
+    if cfg.mode == "staged":
+        _validate_staged(cfg)
+    results = ResultsFile(cfg.outfile, {}, COLUMNS[cfg.mode])
+    main = _main_process()
+    if main:
+        results.lock(wait=bool(cfg.get("wait", False)))  # before any work: writable, and ours
+    try:
+        system, sources = build_system(cfg)
+        datamodule = instantiate(cfg.data)
+        dataset = datamodule.dataset(cfg.split)  # prepares and sets up what it needs
+        writer = RowWriter(results)
+        trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=[writer], logger=False,
                                           use_distributed_sampler=False)
-        trainer.predict(module, return_predictions=False)
-    return {"outfile": str(results.path), "settings": str(results.meta), "todo": len(todo),
-            "done_before": len(done)}
+        data = {"name": type(datamodule).__name__, "split_size": len(dataset),
+                "fingerprint": datamodule.fingerprint(cfg.split)}
+        results.settings = settings_of(cfg, sources, data, _device_type(trainer))
+        # checked under the lock, as the file is about to be written; the shards of a killed
+        # multi-device run are folded in (main process only)
+        done = results.merge_parts() if main else results.check()
+        stop = len(dataset) if int(cfg.max) < 0 else min(int(cfg.max), len(dataset))
+        todo = [i for i in range(0, stop, int(cfg.skip)) if i not in done]
+        if main:
+            results.open()
+        print(f"certify: {len(todo)} images to go ({len(done)} already in {results.path})",
+              flush=True)
+        if todo:
+            base = FastBase(system, bf16=cfg.bf16, channels_last=cfg.channels_last)
+            staged = {"radius": float(cfg.radius), "stages": list(cfg.stages),
+                      "stage_weights": _weights(cfg)} if cfg.mode == "staged" else {}
+            module = CertifyModule(base, cfg.sigma, int(cfg.N0), int(cfg.N), float(cfg.alpha),
+                                   int(cfg.batch), cfg.bound, cfg.mode, int(cfg.seed), dataset,
+                                   todo, int(cfg.images_per_step),
+                                   allow_out_of_range=bool(cfg.get("allow_out_of_range", False)),
+                                   **staged)
+            trainer.predict(module, return_predictions=False)
+    finally:
+        if main:
+            results.release()
+    out = {"outfile": str(results.path), "settings": str(results.meta), "todo": len(todo),
+           "done_before": len(done), "system": cfg.system.name,
+           "wandb": sources["run"].get("wandb")}
+    if main and cfg.mode == "certify":
+        from dsr_lightning.reports import markdown_table, summary_frame
+
+        frame = summary_frame([results.path], radii=list(cfg.certify.radii))
+        out.update(frame=frame, table=markdown_table(frame), acr=float(frame["acr"].iloc[0]),
+                   acc={float(r): float(frame[f"acc@{r:g}"].iloc[0]) for r in cfg.certify.radii})
+        if cfg.get("logger") and cfg.logger.get("wandb"):
+            out["wandb_run"] = log_certify_run(cfg, out)
+    return out
+
+
+def log_certify_run(cfg: DictConfig, out: dict) -> str:
+    """certify.py logger=wandb: a W&B run (offline unless said) with the certification; a
+    rejector trained with W&B links it: same group, its run id in the config."""
+    from dsr_lightning.reports.wandb import log_certification
+
+    link = out.get("wandb") or {}
+    kwargs = {"group": link["group"]} if link.get("group") else {}
+    logger = instantiate(cfg.logger.wandb, **kwargs)
+    run = logger.experiment
+    run.config.update({"certify": {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items()
+                                   if k not in ("hydra",)},
+                       "rejector_run_id": link.get("id")}, allow_val_change=True)
+    try:
+        log_certification(run, out["system"], out["outfile"], list(cfg.certify.radii))
+    finally:
+        run.finish()
+    return run.id
+
+
+def job_config(train_cfg: DictConfig, system: str, rejector_ckpt: str | None,
+               outdir: Path) -> DictConfig:
+    """certify.py's config for a system certified by the training job: certify.yaml with the
+    job's data, networks, σ, seed and `certify` node, on one device of the job's accelerator."""
+    from dsr_lightning.config import compose, to_dict
+
+    cfg = compose("certify", [f"system={system}"], return_hydra_config=False)
+    tc = to_dict(train_cfg)
+    with open_dict(cfg):
+        for key in ("data", "classifier", "denoiser", "certify"):
+            cfg[key] = tc[key]
+        cfg.sigma, cfg.seed, cfg.T = tc["sigma"], tc["seed"], tc["T"]
+        cfg.pretrained_root = tc["pretrained_root"]
+        cfg.rejector_ckpt = rejector_ckpt
+        cfg.outdir = str(outdir)
+        cfg.logger = {}  # the job logs to its own W&B run (certify_after_fit)
+        if system != "rejection":
+            cfg.bound = "cohen"  # certify.bound (e.g. runner_up) is the rejection system's
+        trainer = tc["trainer"]
+        cfg.trainer = {"_target_": "pytorch_lightning.Trainer",
+                       "accelerator": trainer.get("accelerator", "auto"), "devices": 1,
+                       "precision": "32-true", "logger": False,
+                       "enable_progress_bar": trainer.get("enable_progress_bar", True),
+                       "enable_model_summary": False,
+                       "default_root_dir": str(outdir)}
+    return cfg
+
+
+def certify_after_fit(train_cfg: DictConfig, rejector_ckpt: str, outdir: Path,
+                      wandb_runs: list) -> dict:
+    """train.py certify=...: certify the trained f_R and each other system of certify.systems
+    (the denoised baseline: the same classifier and denoiser, no rejector) on the same images and
+    noise, through certify(); log each to the job's W&B run. Returns {system: summary}."""
+    out = {}
+    for system in train_cfg.certify.systems:
+        ckpt = str(rejector_ckpt) if system == "rejection" else None
+        res = certify(job_config(train_cfg, system, ckpt, outdir))
+        out[system] = {"file": res["outfile"], "acr": res["acr"], "acc": res["acc"],
+                       "table": res["table"]}
+        if wandb_runs:
+            from dsr_lightning.reports.wandb import log_certification
+
+            for run in wandb_runs:
+                log_certification(run, system, res["outfile"], list(train_cfg.certify.radii))
+    return out

@@ -1,30 +1,101 @@
-"""Config helpers shared by the entry points: resolvers, the config directory, composing in code."""
+"""Config helpers shared by the entry points: the config tree (inside the package, found through
+Hydra's `pkg://` search path), the schema's registration, resolvers, composing in code."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf"
+from dsr_lightning import schema
+
+CONFIG_MODULE = "dsr_lightning.conf"
+CONFIG_PATH = f"pkg://{CONFIG_MODULE}"
+CONFIG_DIR = Path(__file__).resolve().parent / "conf"
 
 
 def fmt2(value) -> str:
-    """σ as the published folders spell it: 0.25 -> '0.25', 0.5 -> '0.50', 1 -> '1.00'."""
-    return f"{float(value):.2f}"
+    """σ as the published folders spell it: 0.25 -> '0.25', 0.5 -> '0.50', 1 -> '1.00'. A value
+    that is no finite number is returned as given: the schema check names it later."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    return f"{v:.2f}" if math.isfinite(v) else str(value)
 
 
-if not OmegaConf.has_resolver("fmt2"):
-    OmegaConf.register_new_resolver("fmt2", fmt2)
+def first(*values):
+    """The first value that is not null (`${first:${certify.bound},${system.bound}}`)."""
+    return next((v for v in values if v is not None), None)
 
 
-def compose(config_name: str = "train", overrides: list[str] | None = None) -> DictConfig:
-    """Compose a config of conf/ in code (tests, notebooks), with the hydra node filled in."""
+def run_dir(ckpt_path, default: str) -> str:
+    """hydra.run.dir: a resumed run (ckpt_path=<run>/checkpoints/<file>.ckpt) continues in <run>;
+    anything else gets `default`, a new folder."""
+    if ckpt_path:
+        p = Path(str(ckpt_path))
+        if p.parent.name == "checkpoints":
+            return str(p.parent.parent)
+    return default
+
+
+def _hydra_node():
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.get() if HydraConfig.initialized() else None
+
+
+def is_multirun() -> bool:
+    """True inside a job of a Hydra multirun (a sweep)."""
+    from hydra.types import RunMode
+
+    hc = _hydra_node()
+    return hc is not None and hc.mode == RunMode.MULTIRUN
+
+
+def sweep_group(default: str) -> str:
+    """The W&B group of a job: the sweep's folder name in a multirun (one group per sweep), else
+    `default`."""
+    if is_multirun():
+        return Path(str(_hydra_node().sweep.dir)).name
+    return default
+
+
+def unique_name(base: str) -> str:
+    """A run name unique within its group: `<base>-<job number>` in a multirun, else
+    `<base>-<run folder name>` (its timestamp)."""
+    hc = _hydra_node()
+    if hc is None:
+        return base
+    if is_multirun():
+        return f"{base}-{hc.job.num}"
+    out = hc.runtime.get("output_dir")
+    return f"{base}-{Path(str(out)).name}" if out else base
+
+
+for _name, _fn in (("fmt2", fmt2), ("first", first), ("run_dir", run_dir),
+                   ("sweep_group", sweep_group), ("unique_name", unique_name)):
+    if not OmegaConf.has_resolver(_name):
+        OmegaConf.register_new_resolver(_name, _fn)
+schema.register()
+
+
+def compose(config_name: str = "train", overrides: list[str] | None = None,
+            return_hydra_config: bool = True) -> DictConfig:
+    """Compose a config of the package's tree in code (tests, notebooks, the training job's
+    certification), with the hydra node filled in unless asked otherwise. Inside a running Hydra
+    app the app's search path is used."""
     from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    from hydra import initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
 
-    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-        return hydra_compose(config_name, overrides=list(overrides or []), return_hydra_config=True)
+    if GlobalHydra.instance().is_initialized():
+        return hydra_compose(config_name, overrides=list(overrides or []),
+                             return_hydra_config=return_hydra_config)
+    with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
+        return hydra_compose(config_name, overrides=list(overrides or []),
+                             return_hydra_config=return_hydra_config)
 
 
 def to_dict(cfg: DictConfig) -> dict:

@@ -1,26 +1,35 @@
-"""`train(cfg)`: one stage (classifier | denoiser | rejector) from a composed config."""
+"""`train(cfg)`: one stage (classifier | denoiser | rejector) from a composed config; for the
+rejector, the threshold choice (`rejector.threshold=auto`) and the certification (`certify=...`)
+after fit."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import DictConfig
-from pytorch_lightning.callbacks import ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf, open_dict
+from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 
 from dsr_lightning.config import to_dict
+from dsr_lightning.errors import ConfigError
+from dsr_lightning.loggers import wandb_run_record
 from dsr_lightning.models import load_checkpoint, save_checkpoint
+from dsr_lightning.resume import check_resume
+from dsr_lightning.schema import check_train
 from dsr_lightning.tasks import (
     ClassifierTask,
-    ConfigError,
     DenoiserTask,
     RejectorTask,
     build_fresh,
     load_frozen,
 )
+
+# Trainer arguments that Lightning refuses with manual optimisation: the tasks apply them
+MANUAL_KEYS = ("gradient_clip_val", "gradient_clip_algorithm", "accumulate_grad_batches")
 
 
 def output_dir(cfg: DictConfig) -> Path:
@@ -62,15 +71,18 @@ def build_task(cfg: DictConfig, run_config: dict) -> tuple[pl.LightningModule, P
         den = load_frozen("denoiser", cfg.denoiser, sigma=cfg.sigma)
         net = instantiate(cfg.rejector.net)(num_classes=clf.num_classes,
                                             feature_channels=clf.feature_channels)
-        task = RejectorTask(clf, den, net, cfg.optim, target=cfg.rejector.target,
-                            head=cfg.rejector.head, threshold=cfg.rejector.threshold,
-                            run_config=run_config)
+        rej = cfg.rejector
+        task = RejectorTask(clf, den, net, cfg.optim, target=rej.target, head=rej.head,
+                            threshold=0.0 if rej.threshold == "auto" else rej.threshold,
+                            pos_weight=rej.pos_weight, correct_weight=rej.correct_weight,
+                            focal_gamma=rej.focal_gamma, run_config=run_config)
         return task, None
     raise ConfigError(f"stage={stage!r}: choose classifier, denoiser or rejector")
 
 
-def _export(task, cfg: DictConfig, best: str, path: Path) -> None:
-    """Write the best network in the published {'arch', 'state_dict'} form, where the next stage reads."""
+def _export(task, cfg: DictConfig, best: str | None, path: Path) -> None:
+    """Write the best network in the published {'arch', 'state_dict'} form, where the next stage
+    reads (the final weights when no best checkpoint was kept)."""
     if best:
         task.load_state_dict(torch.load(best, map_location="cpu", weights_only=False)["state_dict"])
     spec = cfg.classifier if cfg.stage.name == "classifier" else cfg.denoiser
@@ -96,47 +108,143 @@ def _log_roc(curve: tuple[torch.Tensor, torch.Tensor], trainer: pl.Trainer, out:
     ax.legend(loc="lower right")
     png = out / "roc.png"
     fig.savefig(png, dpi=120, bbox_inches="tight")
-    for lg in trainer.loggers:
-        if isinstance(lg, pl.loggers.WandbLogger):
-            import wandb
+    for run in _wandb_runs(trainer):
+        import wandb
 
-            table = wandb.Table(data=[[float(a), float(b)] for a, b in zip(fpr, tpr)],
-                                columns=["fpr", "tpr"])
-            lg.experiment.log({"val/roc": wandb.plot.line(table, "fpr", "tpr", title="Rejector ROC"),
-                               "val/roc_png": wandb.Image(str(png))})
+        table = wandb.Table(data=[[float(a), float(b)] for a, b in zip(fpr, tpr)],
+                            columns=["fpr", "tpr"])
+        run.log({"val/roc": wandb.plot.line(table, "fpr", "tpr", title="Rejector ROC"),
+                 "val/roc_png": wandb.Image(str(png))})
     return png
 
 
+def _wandb_runs(trainer: pl.Trainer) -> list:
+    return [lg.experiment for lg in trainer.loggers if isinstance(lg, pl.loggers.WandbLogger)]
+
+
+class EpochTime(Callback):
+    """`train/epoch_time_s`: wall seconds of each training epoch (the paper's Table 1 figure; the
+    sweep report reads it from the CSV logs)."""
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._t0 = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        pl_module.log("train/epoch_time_s", time.perf_counter() - self._t0, on_epoch=True,
+                      on_step=False)
+
+
+def _callbacks(cfg: DictConfig) -> list[Callback]:
+    """Every node of the `callbacks` group with a `_target_`, instantiated, plus the epoch timer."""
+    nodes = cfg.get("callbacks") or {}
+    out = [instantiate(node) for node in nodes.values()
+           if isinstance(node, DictConfig) and "_target_" in node]
+    return [*out, EpochTime()]
+
+
+def _checkpoints(callbacks: list, monitor: str) -> tuple[ModelCheckpoint | None, ModelCheckpoint | None]:
+    """(the callback keeping the best epoch by `monitor`, the one keeping the last epoch)."""
+    ckpts = [c for c in callbacks if isinstance(c, ModelCheckpoint)]
+    best = next((c for c in ckpts if c.monitor == monitor), None)
+    last = next((c for c in ckpts if c.monitor is None), None)
+    return best, last
+
+
+def _loggers(cfg: DictConfig, resumed: dict | None) -> list:
+    """The configured loggers; a run resumed in place continues its CSV and its W&B run."""
+    loggers = []
+    for node in (cfg.get("logger") or {}).values():
+        kwargs = {}
+        target = str(node.get("_target_", ""))
+        if resumed and resumed.get("in_place") and target.endswith("CSVLogger"):
+            kwargs["append"] = target == "dsr_lightning.loggers.CSVLogger"
+        if resumed and target.endswith("WandbLogger") and resumed.get("wandb"):
+            rec = resumed["wandb"]
+            kwargs.update(id=rec["id"], group=rec.get("group") or node.get("group"))
+        loggers.append(instantiate(node, **kwargs))
+    return loggers
+
+
+def _trainer_config(cfg: DictConfig) -> tuple[DictConfig, dict]:
+    """The Trainer's config without the keys manual optimisation handles itself, and those keys."""
+    tcfg = OmegaConf.create(OmegaConf.to_container(cfg.trainer, resolve=True))
+    manual = {}
+    with open_dict(tcfg):
+        for k in MANUAL_KEYS:
+            v = tcfg.pop(k, None)
+            if v is not None:
+                manual[k] = v
+    return tcfg, manual
+
+
 def train(cfg: DictConfig) -> dict:
-    """Run the configured stage; returns the final metrics and where the outputs are."""
+    """Run the configured stage; returns the metrics, the best checkpoint and its score, the
+    outputs and, with `certify=...`, the certification of the trained system."""
+    check_train(cfg)
+    resumed = check_resume(cfg, cfg.ckpt_path) if cfg.get("ckpt_path") else None
     pl.seed_everything(int(cfg.seed), workers=True)
     out = output_dir(cfg)
     run_config = to_dict(cfg)
     task, export = build_task(cfg, run_config)
+    tcfg, manual = _trainer_config(cfg)
+    task.configure_manual_optimization(
+        clip_val=manual.get("gradient_clip_val"),
+        clip_algorithm=manual.get("gradient_clip_algorithm"),
+        accumulate=int(manual.get("accumulate_grad_batches", 1)))
     datamodule = instantiate(cfg.data)
-    ckpt = ModelCheckpoint(dirpath=out / "checkpoints", filename="best", monitor=cfg.stage.monitor,
-                           mode=cfg.stage.mode)
-    # last.ckpt after every epoch: Lightning's save_last only refreshes it when `best` improves
-    last = ModelCheckpoint(dirpath=out / "checkpoints", filename="last", monitor=None,
-                           save_top_k=1, enable_version_counter=False)
-    loggers = [instantiate(lg) for lg in cfg.get("logger", {}).values()]
-    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=[ckpt, last], logger=loggers or False)
-    trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    callbacks = _callbacks(cfg)
+    best_cb, last_cb = _checkpoints(callbacks, cfg.stage.monitor)
+    loggers = _loggers(cfg, resumed)
+    trainer: pl.Trainer = instantiate(tcfg, callbacks=callbacks, logger=loggers or False)
+    wandb_logger = next((lg for lg in trainer.loggers if isinstance(lg, pl.loggers.WandbLogger)),
+                        None)
+    wandb_runs: list = []
+    ok = False
+    try:
+        if wandb_logger is not None and trainer.is_global_zero:
+            wandb_runs = [wandb_logger.experiment]
+            task.wandb_record = wandb_run_record(wandb_logger)  # the checkpoints keep the run's id
+        trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        result = _finish(cfg, task, trainer, best_cb, last_cb, export, out, datamodule)
+        ok = True
+        return result
+    finally:
+        for run in wandb_runs:
+            run.finish(exit_code=0 if ok else 1)
+
+
+def _finish(cfg, task, trainer, best_cb, last_cb, export, out: Path, datamodule) -> dict:
+    monitor = cfg.stage.monitor
+    best = best_cb.best_model_path if best_cb is not None else ""
+    score = best_cb.best_model_score if best_cb is not None else None
     result = {
         "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
-        "best": ckpt.best_model_path, "last": last.best_model_path, "output_dir": str(out),
-        "epochs": trainer.current_epoch,
+        "monitor": monitor, "best_score": None if score is None else float(score),
+        "best": best, "last": last_cb.best_model_path if last_cb is not None else "",
+        "output_dir": str(out), "epochs": trainer.current_epoch,
     }
     roc = None
     if isinstance(task, RejectorTask) and task.val_roc.update_count:
         roc = task.roc_curve()  # on every rank: under DDP it gathers all ranks' states
-    if trainer.is_global_zero:
-        if export is not None:
-            _export(task, cfg, ckpt.best_model_path, export)
-            result["export"] = str(export)
-        if isinstance(task, RejectorTask):
-            result["roc"] = _log_roc(roc, trainer, out) if roc is not None else None
-    for lg in trainer.loggers:
-        if isinstance(lg, pl.loggers.WandbLogger):
-            lg.experiment.finish()
+    if not trainer.is_global_zero:
+        return result
+    if export is not None:
+        _export(task, cfg, best, export)
+        result["export"] = str(export)
+    if isinstance(task, RejectorTask):
+        result["roc"] = _log_roc(roc, trainer, out) if roc is not None else None
+        from dsr_lightning.threshold import finish_rejector
+
+        result.update(finish_rejector(cfg, task, trainer, result, datamodule))
+        if cfg.certify.systems:
+            from dsr_lightning.certification import certify_after_fit
+
+            ckpt = result["best"] or result["last"]
+            if not ckpt:
+                raise ConfigError("certify=... needs a rejector checkpoint: keep the "
+                                  "model_checkpoint or last callback (callbacks=default)")
+            result["certification"] = certify_after_fit(cfg, ckpt, out / "results",
+                                                        _wandb_runs(trainer))
+    cert = result.get("certification", {}).get("rejection")
+    result["objective"] = cert["acr"] if cert else result["best_score"]
     return result

@@ -5,6 +5,7 @@ included), refusal of other settings and of bad input (the file left byte-identi
 from __future__ import annotations
 
 import json
+import re
 import os
 import shutil
 import signal
@@ -21,8 +22,8 @@ from hydra.core.hydra_config import HydraConfig
 from scipy.stats import binomtest, norm
 
 from dsr_lightning.certification import certify
-from dsr_lightning.tasks.certify import CERTIFY_COLUMNS, PREDICT_COLUMNS, REFERENCE_COLUMNS
-from dsr_lightning.tasks.networks import ConfigError
+from dsr_lightning.results import CERTIFY_COLUMNS, PREDICT_COLUMNS, REFERENCE_COLUMNS
+from dsr_lightning.errors import ConfigError, ResultsError
 
 N0, N, MAX, SIGMA = 10, 50, 4, 0.25
 SMALL = [f"N0={N0}", f"N={N}", "batch=64", f"max={MAX}", "images_per_step=4", f"sigma={SIGMA}"]
@@ -228,7 +229,7 @@ def test_resume_after_kill(tiny_pretrained, tmp_path):
     assert certify_tiny(tiny_pretrained, None, tmp_path, *args)["todo"] == 0
     assert snapshot(out) == before
     for other in ("N=200", "alpha=0.05", "sigma=0.5", "seed=1", "N0=20"):
-        with pytest.raises(ConfigError, match=rf"other settings \({other.split('=')[0]}: file"):
+        with pytest.raises(ResultsError, match=rf"other settings \({other.split('=')[0]}: file"):
             certify_tiny(tiny_pretrained, None, tmp_path, *args, other, f"outfile={out}")
         assert snapshot(out) == before
 
@@ -263,14 +264,14 @@ BAD = {  # overrides: what the error message must say
                            "trained_denoisers/cifar10/mse_obj/dncnn_tiny/noise_0.50/"
                            "checkpoint.pth.tar"], "trained for sigma=0.5"),
     "N0 > N": (["N0=200", "N=100"], "N0=200 > N=100"),
-    "alpha 0": (["alpha=0"], "alpha must be"),
-    "alpha 1": (["alpha=1"], "alpha must be"),
-    "alpha 1.5": (["alpha=1.5"], "alpha must be"),
-    "alpha -0.1": (["alpha=-0.1"], "alpha must be"),
+    "alpha 0": (["alpha=0"], "alpha=0.0: must be a number in (0, 1)"),
+    "alpha 1": (["alpha=1"], "alpha=1.0: must be a number in (0, 1)"),
+    "alpha 1.5": (["alpha=1.5"], "alpha=1.5: must be a number in (0, 1)"),
+    "alpha -0.1": (["alpha=-0.1"], "alpha=-0.1: must be a number in (0, 1)"),
     "paper without rejector": (["system=plain", "bound=paper"], "bound=paper needs a reject"),
     "runner_up without rejector": (["system=denoised", "bound=runner_up"], "needs a reject"),
     "unknown system": (["system.name=foo"], "system='foo'"),
-    "unknown bound": (["bound=cp"], "bound must be one of"),
+    "unknown bound": (["bound=cp"], "bound='cp': choose one of paper, runner_up, cohen"),
     "unknown mode": (["mode=guess"], "mode='guess'"),
     "N 0": (["N=0", "N0=0"], "must be an integer >= 1"),
     "unknown split": (["split=validation"], "split='validation'"),
@@ -284,7 +285,7 @@ def test_bad_input_refused(runs, tiny_pretrained, rejector, tmp_path, case):
     out = copy_results(runs("paper"), tmp_path)
     before = snapshot(out)
     overrides, message = BAD[case]
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         certify_tiny(tiny_pretrained, rejector, tmp_path, *overrides, f"outfile={out}")
     assert snapshot(out) == before
 

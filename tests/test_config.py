@@ -23,11 +23,11 @@ def options(group: str) -> list[str]:
 
 TOP = ["train", "certify"]
 TESTED_GROUPS = {"data", "classifier", "denoiser", "rejector", "optim", "trainer", "logger",
-                 "stage", "experiment", "system"}
+                 "stage", "experiment", "system", "callbacks", "certify"}
 
 
 def test_every_group_and_top_config_is_tested():
-    groups = {p.name for p in CONFIG_DIR.iterdir() if p.is_dir()}
+    groups = {p.name for p in CONFIG_DIR.iterdir() if p.is_dir() and p.name != "__pycache__"}
     assert groups == TESTED_GROUPS, f"add a test for the config group(s) {groups ^ TESTED_GROUPS}"
     assert sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")) == sorted(TOP)
 
@@ -165,9 +165,14 @@ def test_logger_options_instantiate(tiny_cfg, opt, tmp_path, monkeypatch):
         monkeypatch.setenv(k, v)
     cfg = tiny_cfg(f"logger={opt}", out=tmp_path / "run", experiment=None)
     loggers = {k: instantiate(v) for k, v in cfg.logger.items()}  # no run is started here
+    if opt == "none":  # certify.py's default
+        assert loggers == {}
+        return
     assert "csv" in loggers and loggers["csv"].save_dir == str(tmp_path / "run")
-    if opt == "wandb":
-        assert cfg.logger.wandb.offline is True and cfg.logger.wandb.name == cfg.run_name
+    if opt == "wandb":  # offline; one group per sweep (outside a sweep: the run name)
+        w = cfg.logger.wandb
+        assert w.offline is True and w.name == f"{cfg.run_name}-run" and w.group == cfg.run_name
+        assert w.job_type == "rejector" and "sigma=0.25" in w.tags
 
 
 @pytest.mark.parametrize("opt", options("stage"))

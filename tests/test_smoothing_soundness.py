@@ -284,7 +284,8 @@ def certify_copies(model, t, M, n, bound, seed):
     v = torch.randn(100, generator=g, dtype=torch.float64)
     x = (t * w + (v - (v @ w) * w)).float()  # w·x = t, plus an orthogonal part
     x = x.view(1, 1, 10, 10).expand(M, 1, 10, 10)
-    smoothed = SmoothedClassifier(Projection(model, w.float()), sigma=model.sigma)
+    smoothed = SmoothedClassifier(Projection(model, w.float()), sigma=model.sigma,
+                                  allow_out_of_range=True)  # w·x = t: any real
     return smoothed.certify(x, N0, n, ALPHA, batch_size=8192, bound=bound, generator=g)
 
 

@@ -152,7 +152,7 @@ def copies(model, t, M, seed):
 def staged(model, t, M, design, alpha, bound, target, seed, **kw):
     base, x, g = copies(model, t, M, seed)
     return certify_staged(base, x, N0, *design, alpha, model.sigma, target, batch_size=8192,
-                          bound=bound, generator=g, **kw)
+                          bound=bound, generator=g, allow_out_of_range=True, **kw)
 
 
 @pytest.mark.parametrize("model, bound, t, sound, unadjusted", [
@@ -242,14 +242,16 @@ def test_only_undecided_images_draw_and_stages_are_fresh():
     x = 100 * torch.arange(B, dtype=torch.float32).view(B, 1, 1, 1).expand(B, 3, 4, 4)
     base = Tagged()
     cert = certify_staged(base, x, 10, stages, weights, 0.05, 0.25, 0.2, batch_size=64,
-                          bound="cohen", generator=torch.Generator().manual_seed(0))
+                          bound="cohen", generator=torch.Generator().manual_seed(0),
+                          allow_out_of_range=True)
     seen = np.bincount(torch.cat(base.seen).numpy(), minlength=B)
     np.testing.assert_array_equal(seen, cert.draws)  # each image drew N0 + its stopping stage
     np.testing.assert_array_equal(cert.stage[::2], 0)  # the even ones stopped at once
     assert (cert.stage[1::2] > 0).all() and cert.certified[::2].all()
     assert max(len(s) for s in base.seen) == 64  # chunks mix images
     again = certify_staged(Tagged(), x, 10, stages, weights, 0.05, 0.25, 0.2, batch_size=64,
-                           bound="cohen", generator=torch.Generator().manual_seed(0))
+                           bound="cohen", generator=torch.Generator().manual_seed(0),
+                           allow_out_of_range=True)
     for k, v in cert.columns().items():  # deterministic
         np.testing.assert_array_equal(v, again.columns()[k], err_msg=k)
 
@@ -257,11 +259,11 @@ def test_only_undecided_images_draw_and_stages_are_fresh():
 def test_one_stage_is_fixed_n():
     """stages = (N,), weights = (1,): the same draws and certificate as SmoothedClassifier.certify."""
     base, x, _ = copies(BAND, 0.1, 20, seed=5)
-    fixed = SmoothedClassifier(base, sigma=BAND.sigma).certify(
+    fixed = SmoothedClassifier(base, sigma=BAND.sigma, allow_out_of_range=True).certify(
         x, N0, 500, ALPHA, 4096, "paper", torch.Generator().manual_seed(6))
     target = float(np.median(fixed.radius))
     one = certify_staged(base, x, N0, (500,), (1.0,), ALPHA, BAND.sigma, target, 4096, "paper",
-                         generator=torch.Generator().manual_seed(6))
+                         generator=torch.Generator().manual_seed(6), allow_out_of_range=True)
     np.testing.assert_array_equal(one.counts, fixed.counts)
     np.testing.assert_array_equal(one.radius, fixed.radius)
     np.testing.assert_array_equal(one.prediction, fixed.prediction)

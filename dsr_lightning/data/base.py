@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
+
+import numpy as np
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 CIFAR10_CLASSES = [
     "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
@@ -31,6 +34,17 @@ class TransformedSubset(Dataset):
     def __getitem__(self, i: int):
         x, y = self.source[i if self.indices is None else int(self.indices[i])]
         return (x if self.transform is None else self.transform(x)), int(y)
+
+
+def _raw_arrays(source: Dataset) -> list[np.ndarray]:
+    """The arrays behind a source data set: a TensorDataset's tensors, a torchvision data set's
+    `data` and `targets`; else every item, read once."""
+    if isinstance(source, TensorDataset):
+        return [t.numpy() for t in source.tensors]
+    if hasattr(source, "data") and hasattr(source, "targets"):
+        return [np.asarray(source.data), np.asarray(source.targets)]
+    items = [source[i] for i in range(len(source))]
+    return [np.stack([np.asarray(x) for x, _ in items]), np.asarray([int(y) for _, y in items])]
 
 
 class SmoothingDataModule(pl.LightningDataModule):
@@ -95,6 +109,19 @@ class SmoothingDataModule(pl.LightningDataModule):
             self.prepare_data()
             self.setup("test" if split == "test" else "fit")
         return getattr(self, f"{split}_set")
+
+    def fingerprint(self, split: str) -> str:
+        """sha256 over what the split holds: the data module's kind, the raw images and labels of
+        its source, and which of them the split takes (val: the seeded held-out subset). Two data
+        sets, or two splits, differing in any image or label get different fingerprints."""
+        ds = self.dataset(split)
+        h = hashlib.sha256(f"{type(self).__name__}/{split}".encode())
+        for arr in _raw_arrays(ds.source if isinstance(ds, TransformedSubset) else ds):
+            h.update(str((arr.dtype, arr.shape)).encode())
+            h.update(np.ascontiguousarray(arr).tobytes())
+        if isinstance(ds, TransformedSubset) and ds.indices is not None:
+            h.update(np.asarray(ds.indices, dtype=np.int64).tobytes())
+        return h.hexdigest()
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         return DataLoader(self.dataset(split), batch_size=self.batch_size, shuffle=shuffle,

@@ -8,6 +8,8 @@ from .checkpoint import (
     is_classifier_arch,
     load_checkpoint,
     load_state_dict_strict,
+    non_finite_keys,
+    read_checkpoint,
     save_checkpoint,
 )
 from .dncnn import DnCNN
@@ -20,5 +22,6 @@ from .system import SmoothingSystem, freeze
 __all__ = [
     "ARCHS", "CIFAR10_MEAN", "CIFAR10_STD", "BasicBlock", "CheckpointError", "Classifier", "DnCNN",
     "MemNet", "NormalizeLayer", "Rejector", "ResNet", "SmoothingSystem", "build_arch", "freeze",
-    "is_classifier_arch", "load_checkpoint", "load_state_dict_strict", "save_checkpoint",
+    "is_classifier_arch", "load_checkpoint", "load_state_dict_strict", "non_finite_keys",
+    "read_checkpoint", "save_checkpoint",
 ]

@@ -90,6 +90,33 @@ def _listing(what: str, items: list[str]) -> str:
     return f"\n  {what} ({len(items)}): " + ", ".join(items[:_SHOW]) + more
 
 
+def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", *,
+                    weights_only: bool = True, mmap: bool = False) -> Any:
+    """torch.load with one clear CheckpointError for a missing, empty, truncated or foreign file.
+    `mmap` falls back to a plain read for files in torch's legacy (pre-zip) format."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file not found: {path}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"cannot read checkpoint {path}: the file is empty (an interrupted "
+                              "copy or save?); copy or train it again")
+    err: Exception | None = None
+    for mm in ((True, False) if mmap else (False,)):
+        try:
+            return torch.load(path, map_location=map_location, weights_only=weights_only, mmap=mm)
+        except Exception as e:  # noqa: BLE001 - torch raises many kinds for a bad file
+            err = e
+    raise CheckpointError(f"cannot read checkpoint {path}: it is truncated or not a PyTorch "
+                          f"checkpoint ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
+                          "copy or train it again") from err
+
+
+def non_finite_keys(state_dict: Mapping[str, Any]) -> list[str]:
+    """The keys of floating-point tensors holding NaN or Inf."""
+    return [k for k, v in state_dict.items()
+            if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+
+
 def load_state_dict_strict(model: nn.Module, state_dict: Mapping[str, Any],
                            source: str = "state dict") -> nn.Module:
     """Load strictly after removing wrapper prefixes; on any mismatch raise one CheckpointError
@@ -109,6 +136,9 @@ def load_state_dict_strict(model: nn.Module, state_dict: Mapping[str, Any],
             if items:
                 msg += _listing(what, items)
         raise CheckpointError(msg)
+    if bad := non_finite_keys(sd):
+        raise CheckpointError(f"{source} holds non-finite weights (NaN or Inf; a diverged "
+                              "training?):" + _listing("tensors", bad))
     model.load_state_dict(sd, strict=True)  # a plain dict: BatchNorm fills num_batches_tracked
     return model
 
@@ -118,15 +148,12 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", *, arch:
     """The network stored at `path`, in eval mode with requires_grad False (strict load).
 
     `arch` overrides a missing 'arch' entry (and must agree with a present one). `weights_only`
-    as in torch.load: set False only for trusted files holding arbitrary Python objects.
+    as in torch.load: set False only for trusted files holding arbitrary Python objects. Files
+    that cannot be read, do not fit the architecture, or hold non-finite weights are refused
+    with a CheckpointError naming the file.
     """
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint file not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=weights_only)
-    except Exception as e:
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
+    ckpt = read_checkpoint(path, map_location, weights_only=weights_only)
     form = "a dict {'arch': str, 'state_dict': {name: tensor}} (the published form)"
     if not isinstance(ckpt, Mapping):
         raise CheckpointError(f"{path}: expected {form}, got {type(ckpt).__name__}")

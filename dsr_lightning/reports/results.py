@@ -9,53 +9,35 @@ are a JSON file beside it: `<file>.json`.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-REQUIRED_COLUMNS = ("idx", "label", "predict", "radius", "correct")
+from dsr_lightning.errors import ResultsError
+from dsr_lightning.results import REQUIRED_COLUMNS, read_settings, read_table
+
 RADIUS_STEP = 0.25  # default table grid, in units of the l2 radius (pixel scale of [0,1] images)
 
 
 def load_results(path, required=REQUIRED_COLUMNS) -> pd.DataFrame:
-    """One row per image. Raises FileNotFoundError, or ValueError naming the file when it is empty,
-    lacks one of `required`, or holds non-numbers there. A header-only file gives zero rows."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
-    try:
-        df = pd.read_csv(path, sep="\t")
-    except pd.errors.EmptyDataError:
-        raise ValueError(f"{path}: empty file (no header line)") from None
-    except pd.errors.ParserError as e:
-        raise ValueError(f"{path}: not a tab-separated result file ({e})") from None
-    df.columns = [str(c).strip() for c in df.columns]
+    """One row per image (dsr_lightning.results.read_table: a duplicated image or an unparsable
+    row is refused, naming the line; a binary or empty file too). Raises FileNotFoundError, or
+    ValueError (ResultsError) naming the file, also when it lacks one of `required`. A header-only
+    file gives zero rows."""
+    df = read_table(path)
     missing = [c for c in required if c not in df.columns]
     if missing:
         hint = " (mode=predict output? reports need certify)" if missing == ["radius"] else ""
-        raise ValueError(f"{path}: missing column(s) {', '.join(missing)}{hint}; "
-                         f"found {', '.join(df.columns) or 'none'}")
-    for c in required:
-        if len(df) and not pd.api.types.is_numeric_dtype(df[c]):
-            raise ValueError(f"{path}: column {c} holds non-numeric values")
+        raise ResultsError(f"{path}: missing column(s) {', '.join(missing)}{hint}; "
+                           f"found {', '.join(df.columns) or 'none'}")
     return df
 
 
 def load_settings(path) -> dict:
-    """The run's settings from `<path>.json`; {} when there is none."""
-    sidecar = Path(f"{path}.json")
-    if not sidecar.is_file():
-        return {}
-    try:
-        settings = json.loads(sidecar.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{sidecar}: bad JSON ({e})") from None
-    if not isinstance(settings, dict):
-        raise ValueError(f"{sidecar}: expected a JSON object")
-    return settings
+    """The run's settings from `<path>.json`; {} when there is none (ResultsError if corrupt)."""
+    return read_settings(path)
 
 
 def certified_accuracy(df: pd.DataFrame, radii) -> np.ndarray:

@@ -9,12 +9,26 @@ from .checks import (
     check_positive,
     check_positive_int,
 )
-from .engine import Certificate, SmoothedClassifier, sample_counts
-from .staged import StagedCertificate, certify_staged, check_stages, staged_look
+from .engine import (
+    NOISE_BLOCK,
+    Certificate,
+    ImageNoise,
+    SmoothedClassifier,
+    check_images,
+    sample_counts,
+)
+from .staged import (
+    StagedCertificate,
+    certify_staged,
+    check_stages,
+    default_weights,
+    staged_look,
+)
 
 __all__ = [
     "ABSTAIN", "BOUNDS", "Certificate", "CertifyDetails", "SmoothedClassifier", "certify_counts",
     "certify_details", "check_alpha", "check_bound", "check_counts", "check_positive",
     "check_positive_int", "cp_lower", "cp_upper", "predict_counts", "sample_counts",
-    "StagedCertificate", "certify_staged", "check_stages", "staged_look",
+    "ImageNoise", "NOISE_BLOCK", "StagedCertificate", "certify_staged", "check_images", "check_stages",
+    "default_weights", "staged_look",
 ]

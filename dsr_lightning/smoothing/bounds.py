@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
-from scipy.stats import beta
+from scipy.stats import beta, norm
 
 from .checks import check_alpha
 
@@ -33,3 +33,25 @@ def cp_upper(k, n, alpha: float) -> np.ndarray:
     with np.errstate(invalid="ignore"):
         hi = beta.ppf(1 - alpha, k + 1, np.maximum(n - k, 1))
     return np.where(k == n, 1.0, hi)
+
+
+_TINY = np.finfo(np.float64).tiny  # smallest positive normal float
+
+
+def cp_lower_probit(k, n, alpha: float) -> np.ndarray:
+    """Φ⁻¹(cp_lower(k, n, alpha)), computed from the complement 1 − p_lower (a Beta(n−k+1, k)
+    quantile) so it stays accurate and finite where p_lower rounds to 1 (huge n): −inf where
+    k = 0, else finite. Rounding only ever lowers it (the complement is clamped up to the smallest
+    normal float), so a radius built on it is never larger than the exact one."""
+    alpha = check_alpha(alpha)
+    k, n = _kn(k, n)
+    with np.errstate(invalid="ignore"):
+        q = beta.isf(alpha, n - k + 1, np.maximum(k, 1))  # 1 - p_lower
+    return np.where(k == 0, -np.inf, norm.isf(np.maximum(q, _TINY)))
+
+
+def cp_upper_probit(k, n, alpha: float) -> np.ndarray:
+    """Φ⁻¹(cp_upper(k, n, alpha)): +inf where k = n, else finite (p_upper clamped up to the
+    smallest normal float, which can only raise it)."""
+    return np.where(np.asarray(k) == np.asarray(n), np.inf,
+                    norm.ppf(np.maximum(cp_upper(k, n, alpha), _TINY)))

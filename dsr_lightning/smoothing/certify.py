@@ -9,9 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 import numpy as np
-from scipy.stats import binomtest, norm
+from scipy.stats import binomtest
 
-from .bounds import cp_lower, cp_upper
+from .bounds import cp_lower, cp_lower_probit, cp_upper, cp_upper_probit
 from .checks import check_alpha, check_bound, check_counts, check_positive
 
 ABSTAIN = -1
@@ -65,18 +65,21 @@ def certify_details(counts, c_hat, sigma: float, alpha: float, bound: str = "pap
     n_B = np.maximum(others.max(-1), 0)  # K = 1: no other real class
     nan = np.full(N.shape, np.nan)
     pAR = pB = nan
-    # Φ⁻¹(0) = -inf where n_A = 0, Φ⁻¹(1) = +inf where n_B = N (then n_A = 0 too): ρ = -inf, never
-    # +inf (cp_lower < 1 for N >= 1), never NaN; N = 0 gives -inf as well, hence abstain.
+    # The probits come from the complements (bounds.cp_lower_probit), so ρ stays finite even where
+    # a bound rounds to 1 (huge N): -inf where n_A = 0 or n_B = N (then n_A = 0 too), never +inf,
+    # never NaN; N = 0 gives -inf as well, hence abstain.
     with np.errstate(divide="ignore", invalid="ignore"):
         if bound == "cohen":
             pA = cp_lower(n_A, N, alpha)
-            rho = sigma * norm.ppf(pA)
+            rho = sigma * cp_lower_probit(n_A, N, alpha)
         elif bound == "paper":
             pA, pAR = cp_lower(n_A, N, alpha / 2), cp_lower(n_A + n_R, N, alpha / 2)
-            rho = sigma / 2 * (norm.ppf(pA) + norm.ppf(pAR))
+            rho = sigma / 2 * (cp_lower_probit(n_A, N, alpha / 2)
+                               + cp_lower_probit(n_A + n_R, N, alpha / 2))
         else:
             pA, pB = cp_lower(n_A, N, alpha / 2), cp_upper(n_B, N, alpha / 2)
-            rho = sigma / 2 * (norm.ppf(pA) - norm.ppf(pB))
+            rho = sigma / 2 * (cp_lower_probit(n_A, N, alpha / 2)
+                               - cp_upper_probit(n_B, N, alpha / 2))
     ok = rho > 0
     return CertifyDetails(
         prediction=np.where(ok, c_hat, ABSTAIN).astype(np.int64),

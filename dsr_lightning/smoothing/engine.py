@@ -5,6 +5,8 @@ eval mode. sigma is the noise std in pixel units of [0,1] images.
 """
 from __future__ import annotations
 
+import hashlib
+import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -25,18 +27,93 @@ def _num_classes(base: Base, num_classes: int | None) -> int:
     return check_positive_int("num_classes", num_classes)
 
 
+NOISE_BLOCK = 256  # draws per seeded block of ImageNoise
+
+
+def _block_seed(seed: int, key: int, block: int) -> int:
+    """A 63-bit generator seed for block `block` of image `key` under `seed` (a hash: distinct
+    triples give unrelated streams)."""
+    digest = hashlib.blake2b(struct.pack("<qqq", seed, key, block), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+class ImageNoise:
+    """Counter-based noise, one stream per image: draw k of image b is row k mod G of block
+    k // G (G = `block`), drawn by a generator seeded with (seed, keys[b], k // G). An image's
+    draws therefore depend on its key (e.g. its index in the data set) and the seed only, not on
+    the images it is certified with, the chunk size, a shard, or where a killed run resumed; on
+    CUDA as on the CPU. `pos[b]` counts the draws image b has taken; sample_counts advances it."""
+
+    def __init__(self, seed: int, keys: Sequence[int], block: int = NOISE_BLOCK):
+        self.seed, self.keys = int(seed), [int(k) for k in keys]
+        self.block = check_positive_int("block", block)
+        self.pos = np.zeros(len(self.keys), dtype=np.int64)
+        self._gens: dict[str, torch.Generator] = {}
+        self._last: tuple | None = None  # (key, block index, device, dtype, shape) -> rows
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def subset(self, idx: Sequence[int]) -> ImageNoise:
+        """The streams of images `idx`, continuing where they are (the positions are copied)."""
+        sub = ImageNoise(self.seed, [self.keys[i] for i in idx], self.block)
+        sub.pos = self.pos[np.asarray(idx, dtype=np.int64)].copy()
+        return sub
+
+    def _rows(self, key: int, j: int, shape, device, dtype) -> torch.Tensor:
+        tag = (key, j, str(device), dtype, tuple(shape))
+        if self._last is not None and self._last[0] == tag:
+            return self._last[1]  # the block a chunk boundary split: drawn once
+        gen = self._gens.get(str(device))
+        if gen is None:
+            gen = self._gens[str(device)] = torch.Generator(device=device)
+        gen.manual_seed(_block_seed(self.seed, key, j))
+        rows = torch.randn((self.block, *shape), generator=gen, device=device, dtype=dtype)
+        self._last = (tag, rows)
+        return rows
+
+    def draw(self, b: int, start: int, stop: int, shape, device, dtype) -> torch.Tensor:
+        """Draws start..stop-1 of image b: (stop - start, *shape) standard normal."""
+        G, key, out = self.block, self.keys[b], []
+        for j in range(start // G, (stop - 1) // G + 1):
+            lo, hi = max(start, j * G) - j * G, min(stop, (j + 1) * G) - j * G
+            out.append(self._rows(key, j, shape, device, dtype)[lo:hi])
+        return out[0] if len(out) == 1 else torch.cat(out)
+
+
+def check_images(x: torch.Tensor, allow_out_of_range: bool = False) -> None:
+    """x must be finite, and in [0, 1] unless allowed: σ and the radii are in pixel units of
+    [0,1] images, so 0..255 images would get meaningless certificates. One host sync."""
+    if not torch.is_tensor(x) or not x.is_floating_point() or x.ndim < 1:
+        raise ValueError("x must be a floating point tensor (B, *shape)")
+    if not x.numel():
+        return
+    stats = torch.stack([torch.isfinite(x).all().to(x.dtype), x.amin(), x.amax()]).tolist()
+    if not stats[0]:
+        bad = (~torch.isfinite(x.reshape(len(x), -1))).any(1).nonzero().flatten().tolist()
+        raise ValueError(f"x holds NaN or Inf values (images at positions {bad[:10]} of the "
+                         "batch): refusing to certify them")
+    if not allow_out_of_range and (stats[1] < 0 or stats[2] > 1):
+        raise ValueError(f"x has values in [{stats[1]:.4g}, {stats[2]:.4g}], outside [0, 1]: sigma "
+                         "and the radii are in pixel units of [0,1] images (divide 0..255 images by "
+                         "255), or allow other ranges explicitly (allow_out_of_range=True)")
+
+
 def sample_counts(base: Base, x: torch.Tensor, n: int | Sequence[int], sigma: float,
                   batch_size: int, num_classes: int | None = None,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
+                  generator: torch.Generator | None = None, noise: ImageNoise | None = None,
+                  allow_out_of_range: bool = False) -> torch.Tensor:
     """Counts of base(x_i + σε) over n independent draws ε ~ N(0, I) per image.
 
-    x: (B, *shape) clean images on any device; noise is drawn there with `generator` (which must
-    live on that device). The B·n samples form one stream cut into chunks of <= batch_size that
-    mix images; no chunk of noise larger than batch_size is ever held. n may be a sequence of
-    stage sizes (n0, n1, ...): each image then gets sum(n) fresh draws, the first n0 counted in
-    stage 0, the next n1 in stage 1, ... (independent draws, so stages are separate samples).
-    Returns int64 counts on the CPU, (B, K+1) for an int n, (B, S, K+1) for S stages; the last
-    column counts the reject label K. The same generator state gives identical counts.
+    x: (B, *shape) clean images on any device, finite and in [0, 1] (unless
+    `allow_out_of_range`). The noise is drawn there: from `noise` (one counter-based stream per
+    image, see ImageNoise: the same draws for an image however it is batched), else from
+    `generator` (one stream over the whole call; it must live on x's device). The B·n samples form
+    one stream cut into chunks of <= batch_size that mix images; no chunk of noise larger than
+    batch_size is ever held. n may be a sequence of stage sizes (n0, n1, ...): each image then gets
+    sum(n) fresh draws, the first n0 counted in stage 0, the next n1 in stage 1, ... Returns int64
+    counts on the CPU, (B, K+1) for an int n, (B, S, K+1) for S stages; the last column counts the
+    reject label K. The same generator state (or noise seed and positions) gives identical counts.
     """
     single = not isinstance(n, Sequence)
     stages = (n,) if single else tuple(n)
@@ -46,22 +123,35 @@ def sample_counts(base: Base, x: torch.Tensor, n: int | Sequence[int], sigma: fl
     sigma = check_positive("sigma", sigma)
     batch_size = check_positive_int("batch_size", batch_size)
     L = _num_classes(base, num_classes) + 1
-    if not torch.is_tensor(x) or not x.is_floating_point() or x.ndim < 1:
-        raise ValueError("x must be a floating point tensor (B, *shape)")
+    check_images(x, allow_out_of_range)
     B, S, per, dev = x.shape[0], len(stages), sum(stages), x.device
+    if noise is not None and len(noise) != B:
+        raise ValueError(f"noise has {len(noise)} streams for {B} images")
     ends = torch.tensor(np.cumsum(stages)[:-1], device=dev)  # stage boundaries in an image's draws
     counts = torch.zeros(B * S * L, dtype=torch.long, device=dev)
+    shape = tuple(x.shape[1:])
     with torch.inference_mode():
         for start in range(0, B * per, batch_size):
             stop = min(start + batch_size, B * per)
             j = torch.arange(start, stop, device=dev)  # (b,) position in the stream
             img = j // per  # (b,) which image
             stage = torch.bucketize(j % per, ends, right=True)  # (b,) which stage
-            noisy = torch.randn((stop - start, *x.shape[1:]), generator=generator, device=dev,
-                                dtype=x.dtype).mul_(sigma).add_(x[img])  # (b, *shape)
+            if noise is None:
+                eps = torch.randn((stop - start, *shape), generator=generator, device=dev,
+                                  dtype=x.dtype)
+            else:  # each image's piece of the chunk from its own stream
+                pieces = []
+                for b in range(start // per, (stop - 1) // per + 1):
+                    lo, hi = max(start, b * per) - b * per, min(stop, (b + 1) * per) - b * per
+                    p0 = int(noise.pos[b])
+                    pieces.append(noise.draw(b, p0 + lo, p0 + hi, shape, dev, x.dtype))
+                eps = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+            noisy = eps.mul(sigma).add_(x[img])  # (b, *shape)
             labels = base(noisy).long()  # (b,) in {0..K}
             # scatter_add_ (not bincount, which syncs on CUDA to size its output)
             counts.scatter_add_(0, (img * S + stage) * L + labels, torch.ones_like(labels))
+    if noise is not None:
+        noise.pos += per
     counts = counts.view(B, S, L).cpu()  # the one host sync
     if (counts.sum(-1) != torch.tensor(stages)).any():
         raise RuntimeError(f"base returned labels outside 0..{L - 1} (reject = {L - 1})")
@@ -78,16 +168,28 @@ class Certificate(CertifyDetails):
 class SmoothedClassifier:
     """g_R(x) = argmax over the K real classes c of P(base(x + σε) = c), ε ~ N(0, I).
 
-    base returns labels in {0..K}, K = reject; R is never an answer of g_R. σ in pixel units.
+    base returns labels in {0..K}, K = reject; R is never an answer of g_R. σ in pixel units of
+    [0,1] images: inputs outside [0, 1] (or non-finite) are refused unless `allow_out_of_range`.
+    Noise: a `generator` (one stream per call) or an ImageNoise (one stream per image).
     """
 
-    def __init__(self, base: Base, num_classes: int | None = None, sigma: float = 0.25):
+    def __init__(self, base: Base, num_classes: int | None = None, sigma: float = 0.25,
+                 allow_out_of_range: bool = False):
         self.base = base
         self.num_classes = _num_classes(base, num_classes)
         self.sigma = check_positive("sigma", sigma)
+        self.allow_out_of_range = bool(allow_out_of_range)
+
+    def counts(self, x: torch.Tensor, n: int | Sequence[int], batch_size: int,
+               generator: torch.Generator | None = None,
+               noise: ImageNoise | None = None) -> np.ndarray:
+        """sample_counts with this classifier's base, σ and input rule, as numpy."""
+        return sample_counts(self.base, x, n, self.sigma, batch_size, self.num_classes, generator,
+                             noise, self.allow_out_of_range).numpy()
 
     def certify(self, x: torch.Tensor, n0: int, n: int, alpha: float, batch_size: int,
-                bound: str = "paper", generator: torch.Generator | None = None) -> Certificate:
+                bound: str = "paper", generator: torch.Generator | None = None,
+                noise: ImageNoise | None = None) -> Certificate:
         """Certify each image of x (B, *shape): c_hat = argmax over real classes of n0 draws
         (ties to the lowest index), then bound its probability with n fresh draws.
 
@@ -97,18 +199,16 @@ class SmoothedClassifier:
         """
         n0, n = check_positive_int("n0", n0), check_positive_int("n", n)
         alpha, bound = check_alpha(alpha), check_bound(bound)
-        counts = sample_counts(self.base, x, (n0, n), self.sigma, batch_size, self.num_classes,
-                               generator).numpy()  # (B, 2, K+1)
+        counts = self.counts(x, (n0, n), batch_size, generator, noise)  # (B, 2, K+1)
         counts0, counts = counts[:, 0], counts[:, 1]
         c_hat = counts0[:, :-1].argmax(-1)  # (B,) first maximum = lowest index
         d = certify_details(counts, c_hat, self.sigma, alpha, bound)
         return Certificate(**vars(d), counts0=counts0, counts=counts)
 
     def predict(self, x: torch.Tensor, n: int, alpha: float, batch_size: int,
-                generator: torch.Generator | None = None) -> np.ndarray:
+                generator: torch.Generator | None = None,
+                noise: ImageNoise | None = None) -> np.ndarray:
         """Predictions (B,) int64, ABSTAIN where unsure. With probability >= 1 - alpha over the
         noise, separately for each image, a returned class equals g_R(x)."""
         alpha = check_alpha(alpha)
-        counts = sample_counts(self.base, x, n, self.sigma, batch_size, self.num_classes,
-                               generator)
-        return predict_counts(counts.numpy(), alpha)
+        return predict_counts(self.counts(x, n, batch_size, generator, noise), alpha)

@@ -22,14 +22,26 @@ import torch
 
 from .certify import CertifyDetails, certify_details
 from .checks import check_alpha, check_bound, check_counts, check_positive, check_positive_int
-from .engine import Base, _num_classes, sample_counts
+from .engine import Base, ImageNoise, _num_classes, sample_counts
+
+
+def default_weights(n_stages: int) -> tuple[float, ...]:
+    """The default split of α over the looks: 0.7 for the last look, 0.3 shared 1 : 2 : 4 : ... by
+    the earlier ones (three looks: 0.1, 0.2, 0.7; one look: 1)."""
+    if n_stages == 1:
+        return (1.0,)
+    early = [2.0**i for i in range(n_stages - 1)]
+    return (*(0.3 * w / sum(early) for w in early), 0.7)
 
 
 def check_stages(stages, weights) -> tuple[tuple[int, ...], tuple[float, ...]]:
     """stages: strictly increasing cumulative draw counts (>= 1); weights: one positive share of α
-    per look, summing to 1 (within 1e-6; they are renormalised so Σ α_s never exceeds α)."""
+    per look, summing to 1 (within 1e-6; they are renormalised so Σ α_s never exceeds α), or None
+    for `default_weights`."""
     if isinstance(stages, str | bytes) or not isinstance(stages, Sequence) or not stages:
         raise ValueError(f"stages must be a non-empty list of cumulative draw counts, got {stages!r}")
+    if weights is None:
+        weights = default_weights(len(stages))
     if isinstance(weights, str | bytes) or not isinstance(weights, Sequence):
         raise ValueError(f"stage_weights must be a list of numbers, got {weights!r}")
     stages = tuple(check_positive_int("stages", s) for s in stages)
@@ -100,9 +112,10 @@ class StagedCertificate(CertifyDetails):
 
 
 def certify_staged(base: Base, x: torch.Tensor, n0: int, stages: Sequence[int],
-                   weights: Sequence[float], alpha: float, sigma: float, radius: float,
+                   weights: Sequence[float] | None, alpha: float, sigma: float, radius: float,
                    batch_size: int, bound: str = "paper", num_classes: int | None = None,
-                   generator: torch.Generator | None = None, futility: bool = True
+                   generator: torch.Generator | None = None, futility: bool = True,
+                   noise: ImageNoise | None = None, allow_out_of_range: bool = False
                    ) -> StagedCertificate:
     """Certify each image of x (B, *shape) at the target `radius` with the staged design (above).
 
@@ -114,13 +127,15 @@ def certify_staged(base: Base, x: torch.Tensor, n0: int, stages: Sequence[int],
     <= α·w_s; the certificate returned is the bound of one look, so it is wrong only if some
     look's bound fails: probability <= Σ_s α·w_s = α (union bound; the stopping rule is free).
 
-    One host sync per stage (stage 0 draws the N0 and the first stage together).
+    One host sync per stage (stage 0 draws the N0 and the first stage together). Noise as in
+    sample_counts: `noise` (per-image streams, continued from look to look) or `generator`.
     """
     n0, alpha, bound = check_positive_int("n0", n0), check_alpha(alpha), check_bound(bound)
     sigma, radius = check_positive("sigma", sigma), check_positive("radius", radius)
     stages, weights = check_stages(stages, weights)
     K = _num_classes(base, num_classes)
-    first = sample_counts(base, x, (n0, stages[0]), sigma, batch_size, K, generator).numpy()
+    first = sample_counts(base, x, (n0, stages[0]), sigma, batch_size, K, generator, noise,
+                          allow_out_of_range).numpy()
     counts0, cum = first[:, 0], first[:, 1].copy()  # (B, K+1) each
     c_hat = counts0[:, :-1].argmax(-1)  # (B,) first maximum = lowest index
     B = len(c_hat)
@@ -130,8 +145,11 @@ def certify_staged(base: Base, x: torch.Tensor, n0: int, stages: Sequence[int],
     for s in range(len(stages)):
         if s > 0:
             sel = torch.as_tensor(live, device=x.device)
+            sub = noise.subset(live) if noise is not None else None
             cum[live] += sample_counts(base, x[sel], stages[s] - stages[s - 1], sigma, batch_size,
-                                       K, generator).numpy()
+                                       K, generator, sub, allow_out_of_range).numpy()
+            if sub is not None:
+                noise.pos[live] = sub.pos
         d, certified, stop = staged_look(cum[live], c_hat[live], s, stages, weights, alpha, sigma,
                                          radius, bound, futility)
         done = live[stop]

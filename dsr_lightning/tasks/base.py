@@ -13,6 +13,8 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from dsr_lightning.errors import ConfigError, TrainingError
+
 
 def phase_bounds(phases) -> list[int]:
     """Cumulative end epoch of each phase: [5, 20] for the paper schedule."""
@@ -37,6 +39,8 @@ class FrozenAwareModule(pl.LightningModule):
         self.run_config = run_config or {}
         # Only the run's resolved config goes to hparams (W&B config, hparams.yaml); never networks.
         self.save_hyperparameters({"config": self.run_config})
+        self.clip_val, self.clip_algorithm, self.accumulate = None, None, 1
+        self.wandb_record: dict | None = None
 
     # -- frozen networks -------------------------------------------------------------------
     def train(self, mode: bool = True):
@@ -68,12 +72,60 @@ class FrozenAwareModule(pl.LightningModule):
                 scheds.append(hydra.utils.instantiate(p.scheduler)(opt))
         return opts, scheds
 
-    def optimize(self, loss: torch.Tensor) -> None:
+    def configure_manual_optimization(self, clip_val: float | None = None,
+                                      clip_algorithm: str | None = None, accumulate: int = 1) -> None:
+        """Gradient clipping (Lightning's `clip_gradients`, 'norm' unless said) and accumulation
+        over `accumulate` batches: what trainer.gradient_clip_val / accumulate_grad_batches ask
+        for, which Lightning itself refuses under manual optimisation."""
+        if clip_val is not None and (not isinstance(clip_val, int | float) or clip_val <= 0):
+            raise ConfigError(f"trainer.gradient_clip_val={clip_val}: must be a number > 0")
+        if clip_algorithm not in (None, "norm", "value"):
+            raise ConfigError(f"trainer.gradient_clip_algorithm={clip_algorithm!r}: choose norm "
+                              "or value")
+        if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1:
+            raise ConfigError(f"trainer.accumulate_grad_batches={accumulate}: must be an integer "
+                              ">= 1")
+        self.clip_val, self.clip_algorithm, self.accumulate = clip_val, clip_algorithm, accumulate
+
+    def optimize(self, loss: torch.Tensor, batch_idx: int, parts: dict | None = None) -> None:
+        """Backward, then (every `accumulate` batches, and at the epoch's last batch) clip and step
+        the current phase's optimiser. A non-finite loss stops the run (TrainingError) naming the
+        first part of the step holding non-finite values (see non_finite_message)."""
+        if not torch.isfinite(loss.detach()).item():
+            raise TrainingError(self.non_finite_message(parts or {}))
         opts = self.optimizers()
         opt = opts[self.phase] if isinstance(opts, list) else opts
-        opt.zero_grad(set_to_none=True)
-        self.manual_backward(loss)
-        opt.step()
+        k = self.accumulate
+        self.manual_backward(loss / k if k > 1 else loss)
+        if (batch_idx + 1) % k == 0 or self.trainer.is_last_batch:
+            if self.clip_val:
+                self.clip_gradients(opt, gradient_clip_val=self.clip_val,
+                                    gradient_clip_algorithm=self.clip_algorithm or "norm")
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    def non_finite_message(self, parts: dict) -> str:
+        """parts: name -> (tensor, what a non-finite value there means), in the order of the
+        computation; the message names the first part holding one."""
+        bad = [(name, hint) for name, (t, hint) in parts.items()
+               if t is not None and not torch.isfinite(t.detach().float()).all().item()]
+        where = f"epoch {self.current_epoch}, step {self.global_step}"
+        if not bad:
+            return (f"non-finite training loss at {where}, though every part of the step is finite "
+                    f"({', '.join(parts) or 'none checked'}): the loss overflowed; lower the "
+                    "learning rate or train with trainer.precision=32-true")
+        name, hint = bad[0]
+        more = f" (then also in {', '.join(n for n, _ in bad[1:])})" if len(bad) > 1 else ""
+        return (f"non-finite training loss at {where}: non-finite values first appear in {name}"
+                f"{more}: {hint}. Training stopped; the checkpoints of earlier epochs are kept.")
+
+    def frozen_hint(self, role: str) -> str:
+        path = (self.run_config.get(role) or {}).get("path", "?")
+        return (f"the frozen {role} outputs them: its checkpoint {path} may hold bad weights, or "
+                "the inputs are outside what it was trained on")
+
+    TRAINED_HINT = ("the network being trained diverged: lower the learning rate "
+                    "(optim.phases[i].optimizer.lr) or clip gradients (trainer.gradient_clip_val=1.0)")
 
     def on_train_epoch_start(self) -> None:
         opts = self.optimizers()
@@ -90,3 +142,5 @@ class FrozenAwareModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["dsr_config"] = self.run_config
+        if self.wandb_record:
+            checkpoint["dsr_wandb"] = self.wandb_record  # a resume or certify.py joins the run

@@ -24,22 +24,24 @@ class ClassifierTask(FrozenAwareModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
-    def _step(self, batch: dict, acc) -> torch.Tensor:
+    def _step(self, batch: dict, acc) -> tuple[torch.Tensor, dict]:
         x, y = batch["x"], batch["y"]
         if self.noise_sd > 0:
             x = x + self.noise_sd * torch.randn_like(x)
         logits = self.net(x)                                          # (B, K)
         acc.update(logits, y)
-        return F.cross_entropy(logits, y)
+        parts = {"the input images": (x, "the data: check the data set files"),
+                 "the classifier's logits": (logits, self.TRAINED_HINT)}
+        return F.cross_entropy(logits, y), parts
 
     def training_step(self, batch, batch_idx):
-        loss = self._step(batch, self.train_acc)
-        self.optimize(loss)
+        loss, parts = self._step(batch, self.train_acc)
+        self.optimize(loss, batch_idx, parts)
         self.log_dict({"train/loss": loss, "train/acc": self.train_acc}, prog_bar=True,
                       on_step=True, on_epoch=True, batch_size=len(batch["y"]))
         return loss
 
     def validation_step(self, batch, batch_idx):
-        loss = self._step(batch, self.val_acc)
+        loss, _ = self._step(batch, self.val_acc)
         self.log_dict({"val/loss": loss, "val/acc": self.val_acc}, prog_bar=True,
                       on_epoch=True, batch_size=len(batch["y"]), sync_dist=True)

@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MeanMetric
 
+from dsr_lightning.errors import ConfigError
 from dsr_lightning.tasks.base import FrozenAwareModule
-from dsr_lightning.tasks.networks import ConfigError
 
 OBJECTIVES = ("mse", "stab", "clf")
 
@@ -42,15 +42,20 @@ class DenoiserTask(FrozenAwareModule):
             with torch.no_grad():
                 ref = self.classifier(x).argmax(1).repeat_interleave(t)
             labels = y.repeat_interleave(t)
+            out["logits"] = logits
             out["acc"] = (logits.argmax(1) == labels).float().mean()
             out["stab"] = F.cross_entropy(logits, ref)
             out["clf"] = F.cross_entropy(logits, labels)
         out["loss"] = out[self.objective]
+        out["parts"] = {"the noisy inputs": (noisy, "the data or sigma: check the data set files"),
+                        "the denoiser's output": (z, self.TRAINED_HINT),
+                        "the classifier's logits on D(x+ε)": (out.get("logits"),
+                                                                self.frozen_hint("classifier"))}
         return out
 
     def training_step(self, batch, batch_idx):
         out = self._step(batch)
-        self.optimize(out["loss"])
+        self.optimize(out["loss"], batch_idx, out["parts"])
         self.log("train/loss", out["loss"], prog_bar=True, on_step=True, on_epoch=True,
                  batch_size=len(batch["y"]))
         return out["loss"]

@@ -5,10 +5,10 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import torch
 from torch import nn
 
-from dsr_lightning.models import CheckpointError, build_arch, load_checkpoint
+from dsr_lightning.errors import ConfigError
+from dsr_lightning.models import CheckpointError, build_arch, load_checkpoint, read_checkpoint
 
 PUBLISHED = {
     "classifier": "the published ResNet-110 of Cohen et al. (github.com/locuslab/smoothing, "
@@ -16,14 +16,22 @@ PUBLISHED = {
     "denoiser": "the published denoisers of Salman et al. (github.com/microsoft/denoised-smoothing, "
     "pretrained_models archive: trained_denoisers/cifar10/...)",
 }
-TRAIN_HINT = {
-    "classifier": "python train.py stage=classifier classifier={name}",
-    "denoiser": "python train.py stage=denoiser denoiser={name} sigma={sigma}",
-}
 
 
-class ConfigError(ValueError):
-    """A configuration that cannot work; the message says what to change."""
+def train_hint(role: str, spec, sigma: float | None) -> str:
+    """The train.py command that makes the missing network, naming the config option (as the
+    command line spells it: `denoiser=tiny`, not the network's name)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    option = spec.name
+    if HydraConfig.initialized():
+        option = HydraConfig.get().runtime.choices.get(role) or option
+    cmd = f"python train.py stage={role} {role}={option}"
+    if role == "classifier" and float(spec.get("noise_sd") or 0) > 0:
+        cmd += f" classifier.noise_sd={float(spec.noise_sd):g}"
+    if role == "denoiser" and sigma is not None:
+        cmd += f" sigma={float(sigma):g}"
+    return cmd
 
 
 def sigma_of(ckpt: dict, path: str | Path) -> float | None:
@@ -34,33 +42,20 @@ def sigma_of(ckpt: dict, path: str | Path) -> float | None:
     return float(m.group(1)) if m else None
 
 
-def _entries(path: Path) -> dict | None:
-    """The checkpoint's entries, tensors memory-mapped where the format allows (files saved in
-    the legacy, pre-zip format cannot be mapped and are read whole); None if unreadable."""
-    for mmap in (True, False):
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-        except Exception:
-            continue
-    return None
-
-
 def load_frozen(role: str, spec, sigma: float | None = None) -> nn.Module:
     """Load the frozen `role` network ('classifier' | 'denoiser') described by a config node
     (name, arch, path): eval mode, no gradients. A denoiser trained for another σ is refused."""
     path = Path(str(spec.path))
     if not path.is_file():
-        hint = TRAIN_HINT[role].format(name=spec.name, sigma=sigma)
+        hint = train_hint(role, spec, sigma)
         raise ConfigError(
             f"{role} checkpoint not found: {path}\n"
             f"  Either place {PUBLISHED[role]} there (or point {role}.path=... at it),\n"
             f"  or train one here: {hint}"
         )
     if role == "denoiser" and sigma is not None:  # before the load: a mismatch costs nothing
-        entries = _entries(path)
-        if entries is None:  # unreadable: load_checkpoint says why, naming the file
-            return load_checkpoint(path, arch=spec.get("arch"))
-        trained = sigma_of(entries, path)
+        entries = read_checkpoint(path, mmap=True)  # tensors mapped, not read, where possible
+        trained = sigma_of(entries, path) if isinstance(entries, dict) else None
         if trained is not None and abs(trained - float(sigma)) > 1e-6:
             raise ConfigError(
                 f"denoiser {path} was trained for sigma={trained:g}, but sigma={float(sigma):g}: "

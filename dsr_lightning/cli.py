@@ -1,0 +1,120 @@
+"""Console entry points: `dsr-train`, `dsr-certify`, `dsr-report`, and
+`python -m dsr_lightning {train,certify,report} ...`. The top-level train.py and certify.py call the
+same functions. Configs come from the package (`pkg://dsr_lightning.conf`), so an installed wheel
+works from any folder.
+
+Every job ends by saying how it went. A user error (bad config value, missing or broken file) is
+one `error:` line on stderr and exit status 2, with nothing written; inside a sweep it fails that
+job alone (dsr_lightning.sweeps) and the sweep goes on.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+
+import hydra
+from omegaconf import DictConfig
+
+from dsr_lightning.config import CONFIG_PATH, is_multirun
+
+
+def _main_process() -> bool:
+    return int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
+
+
+def run_job(fn: Callable[[DictConfig], dict], cfg: DictConfig,
+            report: Callable[[dict], None]) -> float | None:
+    """fn(cfg), then report(result) on the main process; returns the job's objective (what a
+    Hydra sweeper optimises). Errors: see the module docstring."""
+    from dsr_lightning import sweeps
+    from dsr_lightning.errors import USER_ERRORS
+
+    multirun = is_multirun()
+    if multirun:
+        sweeps.start_job()
+    try:
+        result = fn(cfg)
+    except USER_ERRORS as e:
+        if multirun:
+            sweeps.record_failure(e, user_error=True)
+            return None
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except Exception as e:
+        if multirun:
+            sweeps.record_failure(e, user_error=False)
+            return None
+        raise
+    if _main_process():
+        report(result)
+    return result.get("objective")
+
+
+def _fmt(v) -> str:
+    return "–" if v is None else f"{v:.4g}"
+
+
+def report_train(result: dict) -> None:
+    print(f"\ntrained {result['epochs']} epoch(s); outputs in {result['output_dir']}")
+    if result.get("best"):
+        print(f"best {result['monitor']} = {_fmt(result.get('best_score'))}: {result['best']}")
+    if result.get("last"):
+        print(f"last checkpoint: {result['last']}")
+    if result.get("export"):
+        print(f"exported the best network to {result['export']}")
+    if result.get("threshold") is not None:
+        print(f"rejector threshold: {result['threshold']:.4g} ({result.get('threshold_note', '')})")
+    for system, cert in (result.get("certification") or {}).items():
+        print(f"certified ({system}): {cert['file']}\n{cert['table']}")
+
+
+def report_certify(result: dict) -> None:
+    print(f"\nresults: {result['outfile']}  ({result['done_before']} rows resumed, "
+          f"{result['todo']} certified now)\nsettings: {result['settings']}")
+    if result.get("table"):
+        print(result["table"])
+
+
+def _train(cfg: DictConfig) -> float | None:
+    from dsr_lightning.training import train
+
+    return run_job(train, cfg, report_train)
+
+
+def _certify(cfg: DictConfig) -> float | None:
+    from dsr_lightning.certification import certify
+
+    return run_job(certify, cfg, report_certify)
+
+
+train_main = hydra.main(config_path=CONFIG_PATH, config_name="train", version_base="1.3")(_train)
+certify_main = hydra.main(config_path=CONFIG_PATH, config_name="certify",
+                          version_base="1.3")(_certify)
+
+
+def report_main(argv: list[str] | None = None) -> int:
+    from dsr_lightning.reports import main
+
+    return main(argv)
+
+
+COMMANDS = {"train": train_main, "certify": certify_main, "report": report_main}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m dsr_lightning {train,certify,report} ...`."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS:
+        print("usage: python -m dsr_lightning {train,certify,report} [overrides or arguments]\n"
+              "  train    train a stage (Hydra overrides: denoiser=dncnn sigma=0.5 ...)\n"
+              "  certify  certify a data split (system=rejection rejector_ckpt=... ...)\n"
+              "  report   tables and figures from results files or folders", file=sys.stderr)
+        return 2
+    cmd, rest = argv[0], argv[1:]
+    if cmd == "report":
+        return report_main(rest)
+    sys.argv = [f"dsr-{cmd}", *rest]  # Hydra reads its overrides from sys.argv
+    COMMANDS[cmd]()
+    return 0

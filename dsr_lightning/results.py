@@ -1,0 +1,300 @@
+"""The results format, in one place: certification writes it, reports read it.
+
+A results file is a TSV: one header line, then one row per image, each ended by a newline. Its
+first columns are those of the reference scripts (`idx label predict radius correct time`), so
+their analysis code reads it; counts and bounds follow. Beside it, `<file>.json` records the
+settings it was written under.
+
+What a results file guarantees (docs/DESIGN.md §8):
+- **One writer.** A writer holds an exclusive lock (`<file>.lock`, flock) for its whole run; a
+  second process is refused at once, or waits (`wait=true`). The settings are checked again under
+  the lock, when the file is opened for writing. A killed writer's lock is released by the OS.
+- **Identity by content.** The record holds every setting that changes the numbers
+  (IDENTITY_KEYS): the statistics, the noise, the device type, the data set's content fingerprint
+  and split, and the sha256 of every checkpoint (classifier, denoiser, rejector). A file is only
+  extended under the same identity; anything else is refused before a row is written.
+- **Append-only, whole rows.** Rows are flushed and fsynced as they are written; a torn last line
+  (a kill mid-write) is dropped on resume; an unparsable or duplicated row is refused, naming the
+  line; a results file without its record, or with a corrupt one, is refused.
+- A results file that is empty (0 bytes: a lost disk write) beside its record is started again.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import time
+from contextlib import suppress
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from dsr_lightning.errors import ResultsError
+
+FORMAT = 2  # the settings record's format (1: the first release, without content identity)
+
+# The reference columns first, in their order, so existing analysis scripts read the file.
+REFERENCE_COLUMNS = ["idx", "label", "predict", "radius", "correct", "time"]
+CERTIFY_COLUMNS = REFERENCE_COLUMNS + [
+    "n_A", "n_R", "n_B", "N", "pA_lower", "pAR_lower", "pB_upper", "c_hat"]
+PREDICT_COLUMNS = ["idx", "label", "predict", "correct", "time", "n_A", "n_R", "n_B", "N"]
+# mode=staged: the certificate of the stopping look (N its cumulative draws), that look's index,
+# the draws spent (N0 + N), the target radius and whether the certificate reaches it
+STAGED_COLUMNS = CERTIFY_COLUMNS + ["stage", "draws", "target_radius", "certified_at_target"]
+COLUMNS = {"certify": CERTIFY_COLUMNS, "predict": PREDICT_COLUMNS, "staged": STAGED_COLUMNS}
+INT_COLUMNS = {"idx", "label", "predict", "correct", "n_A", "n_R", "n_B", "N", "c_hat", "stage",
+               "draws", "certified_at_target"}
+REQUIRED_COLUMNS = ("idx", "label", "predict", "radius", "correct")  # what reports need
+
+# Everything that changes the numbers of a row: a file is only extended under the same values.
+# (skip, max, batch and images_per_step choose which images and how fast, not their numbers.)
+IDENTITY_KEYS = ("format", "mode", "system", "sigma", "N0", "N", "alpha", "bound", "split", "seed",
+                 "noise", "device", "bf16", "channels_last", "data", "classifier_sha256",
+                 "denoiser_sha256", "rejector_sha256", "radius", "stages", "stage_weights")
+
+
+def settings_path(path: str | Path) -> Path:
+    return Path(f"{path}.json")
+
+
+def read_settings(path: str | Path, required: bool = False) -> dict:
+    """The settings record of results file `path` ({} if there is none and not `required`)."""
+    rec = settings_path(path)
+    if not rec.is_file():
+        if required:
+            raise ResultsError(f"{path} exists without its settings record {rec}: move it away or "
+                               "choose another outfile=...")
+        return {}
+    try:
+        settings = json.loads(rec.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ResultsError(f"{rec}: the settings record is corrupt ({e}); move the results file "
+                           "and its record away, or choose another outfile=...") from None
+    if not isinstance(settings, dict):
+        raise ResultsError(f"{rec}: the settings record is not a JSON object; move the results "
+                           "file and its record away, or choose another outfile=...")
+    return settings
+
+
+def _parse(value: str, column: str, where: str):
+    try:
+        if column in INT_COLUMNS:
+            return int(value)
+        return float(value)
+    except ValueError:
+        raise ResultsError(f"{where}: column {column} holds {value!r}, not a number") from None
+
+
+def read_rows(path: str | Path, strict: bool = True) -> tuple[list[str], list[list], bool]:
+    """(header, rows, torn): every whole row parsed. `strict` (our files): every known column must
+    parse and every row have the header's length; otherwise (files of the reference scripts) only
+    REQUIRED_COLUMNS must, the rest stay text. A last line without its newline is a row being
+    written (or torn by a kill): not returned, `torn` is True. An unparsable row, or a second row
+    of the same idx, raises ResultsError naming the line."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ResultsError(f"{path}: cannot read ({e.strerror or e})") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ResultsError(f"{path}: not a results file (binary content, not tab-separated "
+                           "text)") from None
+    lines = text.split("\n")
+    torn = lines[-1] != ""
+    if not lines[0] or lines[0] == text and torn:
+        raise ResultsError(f"{path}: no header line (an empty or torn file)")
+    header = lines[0].split("\t")
+    missing = [c for c in REQUIRED_COLUMNS if c not in header] if not strict else []
+    if missing:
+        hint = " (mode=predict output? reports need mode=certify)" if missing == ["radius"] else ""
+        raise ResultsError(f"{path}: missing column(s) {', '.join(missing)}{hint}; found "
+                           f"{', '.join(header)}")
+    parse = set(header) if strict else set(REQUIRED_COLUMNS)
+    rows, seen = [], {}
+    for no, line in enumerate(lines[1:-1], start=2):
+        where = f"{path}, line {no}"
+        cells = line.split("\t")
+        if len(cells) != len(header):
+            raise ResultsError(f"{where}: {len(cells)} fields for {len(header)} columns "
+                               f"({line[:80]!r}); the file is damaged: move it away, or delete "
+                               "that line to recompute the image")
+        row = [_parse(v, c, where) if c in parse else v for v, c in zip(cells, header)]
+        idx = row[header.index("idx")]
+        if idx in seen:
+            raise ResultsError(f"{where}: image idx {idx} appears again (first at line "
+                               f"{seen[idx]}): a file written by two processes? Move it away, or "
+                               "delete one of the lines")
+        seen[idx] = no
+        rows.append(row)
+    return header, rows, torn
+
+
+def read_table(path: str | Path) -> pd.DataFrame:
+    """A results file as a DataFrame, one row per image (checked as in read_rows; files with a
+    settings record strictly, others as the reference scripts write them)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    strict = settings_path(path).is_file()
+    header, rows, _ = read_rows(path, strict=strict)
+    df = pd.DataFrame(rows, columns=header)
+    for c in header:
+        if c in INT_COLUMNS and (strict or c in REQUIRED_COLUMNS):
+            df[c] = df[c].astype(np.int64)
+        elif strict or c in REQUIRED_COLUMNS:
+            df[c] = df[c].astype(np.float64)
+    return df
+
+
+def fmt(v) -> str:
+    if isinstance(v, float | np.floating):
+        return "nan" if np.isnan(v) else f"{v:.6g}"
+    return str(int(v)) if isinstance(v, np.integer | bool) else str(v)
+
+
+def _identity_diff(old: dict, new: dict) -> list[str]:
+    return [f"{k}: file {old.get(k)!r} vs now {new.get(k)!r}" for k in IDENTITY_KEYS
+            if old.get(k) != new.get(k)]
+
+
+class ResultsFile:
+    """A results file and its settings record, written by one process at a time.
+
+    `lock()` takes the file (refusing, or waiting, if another process has it); `check()` reads the
+    existing file under the identity rules and returns the indices done; `open()` creates it (the
+    record first) or repairs a torn tail; `append()` writes whole rows. Shards of a multi-device
+    run write `<file>.rank<r>` and the main process folds them in (`merge_parts`)."""
+
+    def __init__(self, path: str | Path, settings: dict, columns: list[str]):
+        self.path, self.settings, self.columns = Path(path), settings, columns
+        self.meta = settings_path(self.path)
+        self.lockfile = Path(f"{self.path}.lock")
+        self._lock_fd: int | None = None
+
+    # -- ownership ---------------------------------------------------------------------------
+    def prepare(self) -> None:
+        """Create the folder and make sure it is writable, before any work is done."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            probe = self.path.parent / f".{self.path.name}.probe{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            raise ResultsError(f"cannot write the results file {self.path}: "
+                               f"{e.strerror or e} ({e.filename or self.path.parent}); choose "
+                               "another outdir=... or outfile=...") from None
+
+    def lock(self, wait: bool = False, poll: float = 0.5) -> None:
+        """Take the file for this process (held until release() or exit). Another holder: raise
+        ResultsError, or with `wait` block until it is done."""
+        self.prepare()
+        fd = os.open(self.lockfile, os.O_RDWR | os.O_CREAT, 0o644)
+        said = False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as e:
+                if e.errno not in (errno.EAGAIN, errno.EACCES):
+                    os.close(fd)
+                    raise ResultsError(f"cannot lock {self.lockfile}: {e.strerror}") from None
+                holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+                if not wait:
+                    os.close(fd)
+                    raise ResultsError(f"{self.path} is being written by {holder}: one writer at "
+                                       "a time. Wait for it (or pass wait=true to wait here), or "
+                                       "choose another outfile=...") from None
+                if not said:
+                    print(f"waiting for {holder} to finish {self.path} ...", flush=True)
+                    said = True
+                time.sleep(poll)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode(), 0)
+        self._lock_fd = fd
+
+    def release(self) -> None:
+        if self._lock_fd is not None:
+            with suppress(OSError):
+                os.ftruncate(self._lock_fd, 0)
+            os.close(self._lock_fd)  # closing the descriptor releases the flock
+            self._lock_fd = None
+
+    # -- reading -----------------------------------------------------------------------------
+    def check(self) -> set[int]:
+        """Validate an existing file against the settings (writing nothing); the indices done."""
+        if not self.path.exists() or self.path.stat().st_size == 0:
+            return set()  # nothing, or a lost write of the header: start again
+        old = read_settings(self.path, required=True)
+        if diff := _identity_diff(old, self.settings):
+            raise ResultsError(f"{self.path} was written with other settings ({'; '.join(diff)}). "
+                               "Choose another outfile=... or restore the settings to resume it.")
+        header, rows, _ = read_rows(self.path)
+        if header != self.columns:
+            raise ResultsError(f"{self.path}: its columns ({' '.join(header)}) are not this mode's; "
+                               "choose another outfile=...")
+        return {r[0] for r in rows}
+
+    # -- writing -----------------------------------------------------------------------------
+    def open(self) -> None:
+        """Create the file (settings record first, atomically; then the header) or repair a torn
+        last line; then rows are appended."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not self.path.exists() or self.path.stat().st_size == 0:
+            tmp = Path(f"{self.meta}.tmp{os.getpid()}")
+            tmp.write_text(json.dumps(self.settings, indent=2, default=str) + "\n")
+            os.replace(tmp, self.meta)  # a file is never without its (whole) settings
+            with open(self.path, "w") as f:
+                f.write("\t".join(self.columns) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        else:
+            self._drop_torn_line(self.path)
+
+    @staticmethod
+    def _drop_torn_line(path: Path) -> None:
+        data = path.read_bytes()
+        if not data.endswith(b"\n"):  # truncate in place: a kill now cannot lose the whole rows
+            os.truncate(path, data.rfind(b"\n") + 1)
+
+    def append(self, rows: list[dict], path: Path | None = None) -> None:
+        with open(path or self.path, "a") as f:
+            for r in rows:
+                f.write("\t".join(fmt(r.get(c, "")) for c in self.columns) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def part(self, rank: int) -> Path:
+        return Path(f"{self.path}.rank{rank}")
+
+    def merge_parts(self) -> set[int]:
+        """Fold shard files of a multi-device run into the results file, in index order (the
+        settings are checked first); returns the indices the file then holds. Each shard's torn
+        tail is dropped, and an image in two places is kept once."""
+        parts = sorted(self.path.parent.glob(self.path.name + ".rank*"))
+        done = self.check()
+        if not parts:
+            return done
+        self.open()
+        rows: dict[int, str] = {}
+        for p in parts:
+            for no, ln in enumerate(p.read_text().split("\n")[:-1], start=1):
+                cells = ln.split("\t")
+                if len(cells) != len(self.columns):
+                    raise ResultsError(f"{p}, line {no}: {len(cells)} fields for "
+                                       f"{len(self.columns)} columns: a damaged shard; move it away")
+                idx = _parse(cells[0], "idx", f"{p}, line {no}")
+                if idx not in done:
+                    rows.setdefault(idx, ln)
+        if rows:
+            with open(self.path, "a") as f:
+                f.write("".join(rows[i] + "\n" for i in sorted(rows)))
+                f.flush()
+                os.fsync(f.fileno())
+        for p in parts:
+            p.unlink()
+        return done | set(rows)

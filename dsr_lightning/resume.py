@@ -1,0 +1,78 @@
+"""What `ckpt_path=` may resume: a checkpoint of train.py whose method settings are those of the
+run asked for. A checkpoint keeps the weights of its own settings, so resuming it under others
+(another σ, T, head, target, seed, denoiser, architecture, stage, data set) would record the new
+settings beside the old weights; it is refused, naming every difference."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from dsr_lightning.config import to_dict
+from dsr_lightning.errors import ConfigError
+from dsr_lightning.models import CheckpointError, non_finite_keys, read_checkpoint
+
+# (key path, applies to these stages): the settings a checkpoint's weights depend on
+METHOD_KEYS = (
+    ("stage.name", None), ("sigma", ("denoiser", "rejector")), ("T", ("rejector",)),
+    ("seed", None), ("data._target_", None), ("data.val_fraction", None),
+    ("classifier.arch", None), ("classifier.arch_kwargs", None), ("classifier.noise_sd", None),
+    ("classifier.path", ("rejector",)),
+    ("denoiser.arch", ("denoiser", "rejector")), ("denoiser.arch_kwargs", ("denoiser", "rejector")),
+    ("denoiser.objective", ("denoiser", "rejector")), ("denoiser.path", ("rejector",)),
+    ("stage.objective", ("denoiser",)), ("stage.init_from", ("denoiser",)),
+    ("rejector.net", ("rejector",)), ("rejector.head", ("rejector",)),
+    ("rejector.target", ("rejector",)), ("rejector.pos_weight", ("rejector",)),
+    ("rejector.correct_weight", ("rejector",)), ("rejector.focal_gamma", ("rejector",)),
+)
+
+
+def _get(d: dict, dotted: str):
+    for part in dotted.split("."):
+        if not isinstance(d, dict) or part not in d:
+            return None
+        d = d[part]
+    return d
+
+
+def _optimizers(cfg: dict) -> list[str]:
+    return [p.get("optimizer", {}).get("_target_") for p in (cfg.get("optim") or {}).get("phases", [])]
+
+
+def check_resume(cfg: DictConfig, ckpt_path: str) -> dict:
+    """Checks `ckpt_path` against the composed config before anything is built. Returns
+    {"epochs": epochs done, "in_place": whether the run continues in the checkpoint's own folder,
+    "wandb": the W&B run record or None}. Raises ConfigError / CheckpointError."""
+    path = Path(str(ckpt_path))
+    if not path.is_file():
+        raise ConfigError(f"ckpt_path={path}: no such file (resume from <run>/checkpoints/last.ckpt)")
+    ckpt = read_checkpoint(path, weights_only=False)  # a Lightning file of our own
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "dsr_config" not in ckpt:
+        raise CheckpointError(f"ckpt_path={path}: not a checkpoint of train.py (no state_dict or no "
+                              "dsr_config); resume from <run>/checkpoints/last.ckpt")
+    old, new = ckpt["dsr_config"], to_dict(cfg)
+    stage = new["stage"]["name"]
+    diff = [(k, _get(old, k), _get(new, k)) for k, stages in METHOD_KEYS
+            if (stages is None or stage in stages) and _get(old, k) != _get(new, k)]
+    if _optimizers(old) != _optimizers(new):
+        diff.append(("optim.phases (optimizers)", _optimizers(old), _optimizers(new)))
+    if diff:
+        lines = "\n".join(f"  {k}: checkpoint {a!r}, now {b!r}" for k, a, b in diff)
+        raise ConfigError(f"ckpt_path={path} was trained with other settings; resuming it would "
+                          f"mix them:\n{lines}\n  Resume with the checkpoint's settings, or start "
+                          "a new run (no ckpt_path).")
+    if bad := non_finite_keys(ckpt["state_dict"]):
+        raise CheckpointError(f"ckpt_path={path} holds non-finite weights ({len(bad)} tensors, e.g. "
+                              f"{', '.join(bad[:3])}): resume from an earlier checkpoint")
+    done = int(ckpt.get("epoch", -1)) + 1  # saved at the end of epoch `epoch`
+    wanted = int(cfg.optim.epochs)
+    if done >= wanted:
+        raise ConfigError(f"ckpt_path={path} has trained {done} epochs already and optim.epochs="
+                          f"{wanted}: nothing to resume. Train longer with optim.epochs=<more than "
+                          f"{done}> (the last phase continues).")
+    run = path.parent.parent
+    here = Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else None
+    return {"epochs": done, "in_place": here is not None and here.resolve() == run.resolve(),
+            "wandb": ckpt.get("dsr_wandb")}

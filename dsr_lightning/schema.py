@@ -1,0 +1,328 @@
+"""The config schema. Structured configs (dataclasses registered in Hydra's ConfigStore as
+`train_schema` and `certify_schema`, first in the defaults lists of train.yaml and certify.yaml)
+give every key its type, so `optim.epochs=two`, `sigma=abc` or `T=1.5` is refused when the config
+is composed, with Hydra's one-paragraph message naming the key. `check_train` / `check_certify`
+then check ranges and choices (`sigma=-1`, `T=0`, a negative learning rate, ...) before anything is
+built or written, raising one ConfigError that names the key and says what to do.
+
+Group nodes whose keys differ between options (data, trainer, logger, callbacks) are open maps:
+their values are checked by the classes they instantiate.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import II, MISSING, DictConfig
+
+from dsr_lightning.errors import ConfigError
+
+BOUNDS = ("paper", "runner_up", "cohen")
+SYSTEMS = ("rejection", "denoised", "plain")
+MODES = ("certify", "predict", "staged")
+SPLITS = ("train", "val", "test")
+TARGETS = ("clean_pred", "label")
+HEADS = ("noisy", "clean")
+OBJECTIVES = ("mse", "stab", "clf")
+STAGES = ("classifier", "denoiser", "rejector")
+SELECTION_OBJECTIVES = ("acr", "accuracy")
+
+
+@dataclass
+class NetConfig:
+    """A network by architecture name and the path of its published-form file."""
+    name: str = MISSING
+    arch: str = MISSING
+    arch_kwargs: dict[str, Any] = field(default_factory=dict)
+    path: str = MISSING
+
+
+@dataclass
+class ClassifierConfig(NetConfig):
+    noise_sd: float = 0.0  # > 0: Cohen et al.'s Gaussian-augmented classifier (pixel units)
+
+
+@dataclass
+class DenoiserConfig(NetConfig):
+    objective: str = "mse_obj"  # the published folder of the training objective
+
+
+@dataclass
+class ThresholdSelection:
+    """rejector.threshold=auto: the decision threshold chosen on validation draws (DESIGN §5)."""
+    objective: str = "acr"     # acr: mean certified radius | accuracy: certified accuracy at radius
+    radius: float = 0.0        # objective=accuracy: the radius
+    images: int = 200          # validation images
+    draws: int = 100           # noise draws per image
+    batch: int = 512           # samples per forward pass
+    N: int | None = None       # the N and alpha the objective assumes (null: certify.N, certify.alpha)
+    alpha: float | None = None
+
+
+@dataclass
+class RejectorConfig:
+    net: dict[str, Any] = MISSING
+    target: str = "clean_pred"
+    head: str = "noisy"
+    threshold: Any = 0.0       # a logit (reject iff head logit > threshold) or "auto"
+    pos_weight: float = 1.0    # BCE weight of the b = 1 (reject) terms
+    correct_weight: float = 1.0  # BCE weight of b = 0 terms whose noisy prediction is right
+    focal_gamma: float = 0.0   # > 0: focal loss (1 - p_t)^gamma * BCE
+    selection: ThresholdSelection = field(default_factory=ThresholdSelection)
+
+
+@dataclass
+class PhaseConfig:
+    epochs: int = MISSING
+    optimizer: dict[str, Any] = MISSING
+    scheduler: dict[str, Any] | None = None
+
+
+@dataclass
+class OptimConfig:
+    epochs: int = MISSING
+    lr: float | None = None
+    phases: list[PhaseConfig] = MISSING
+
+
+@dataclass
+class StageConfig:
+    name: str = MISSING
+    monitor: str = MISSING
+    mode: str = MISSING
+    objective: str | None = None
+    init_from: str | None = None
+
+
+@dataclass
+class CertifySettings:
+    """The keys of certify.py; in train.py the `certify` group (none | quick | paper | full)."""
+    systems: list[str] = field(default_factory=list)  # train.py: certified after fit
+    N0: int = 100
+    N: int = 10_000
+    alpha: float = 0.01
+    skip: int = 1
+    max: int = -1
+    batch: int = 1000
+    images_per_step: int = 4
+    bound: str | None = None   # null: the system's own (paper for rejection, cohen otherwise)
+    mode: str = "certify"
+    split: str = "test"
+    bf16: bool = False
+    channels_last: bool = False
+    radius: float | None = None
+    stages: list[int] = field(default_factory=lambda: [100, 1000, 10_000])
+    stage_weights: list[float] | None = None
+    radii: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])  # reports
+
+
+@dataclass
+class SystemConfig:
+    name: str = MISSING
+    bound: str = MISSING
+    tag: str = MISSING
+
+
+@dataclass
+class TrainConfig:
+    sigma: float = 0.25
+    T: int = 20
+    seed: int = 0
+    pretrained_root: str = "pretrained_models"
+    run_name: str = MISSING
+    ckpt_path: str | None = None
+    overwrite: bool = False
+    data: dict[str, Any] = MISSING
+    classifier: ClassifierConfig = MISSING
+    denoiser: DenoiserConfig = MISSING
+    rejector: RejectorConfig = MISSING
+    optim: OptimConfig = MISSING
+    trainer: dict[str, Any] = MISSING
+    logger: dict[str, Any] = field(default_factory=dict)
+    callbacks: dict[str, Any] = field(default_factory=dict)
+    stage: StageConfig = MISSING
+    certify: CertifySettings = field(default_factory=CertifySettings)
+
+
+@dataclass
+class CertifyConfig:
+    sigma: float = 0.25
+    seed: int = 0
+    T: int = 1
+    pretrained_root: str = "pretrained_models"
+    rejector_ckpt: str | None = None
+    run_name: str = MISSING
+    data: dict[str, Any] = MISSING
+    classifier: ClassifierConfig = MISSING
+    denoiser: DenoiserConfig = MISSING
+    system: SystemConfig = MISSING
+    trainer: dict[str, Any] = MISSING
+    logger: dict[str, Any] = field(default_factory=dict)
+    certify: CertifySettings = field(default_factory=CertifySettings)
+    # certify.py's own keys: the `certify` node's values unless set here (N=..., alpha=...)
+    N0: int = II("certify.N0")
+    N: int = II("certify.N")
+    alpha: float = II("certify.alpha")
+    skip: int = II("certify.skip")
+    max: int = II("certify.max")
+    batch: int = II("certify.batch")
+    images_per_step: int = II("certify.images_per_step")
+    mode: str = II("certify.mode")
+    split: str = II("certify.split")
+    bf16: bool = II("certify.bf16")
+    channels_last: bool = II("certify.channels_last")
+    radius: float | None = II("certify.radius")
+    stages: list[int] = II("certify.stages")
+    stage_weights: list[float] | None = II("certify.stage_weights")
+    bound: str = MISSING
+    outdir: str = "results"
+    outfile: str = MISSING
+    outfile_tag: dict[str, str] = field(default_factory=dict)
+    wait: bool = False         # another process writes the same results file: wait for it
+    allow_out_of_range: bool = False  # certify images with values outside [0, 1]
+    # train.py's groups that experiments set; certify.py rebuilds them from the checkpoint
+    rejector: Any = None
+    optim: Any = None
+
+
+def register() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+    cs.store(name="certify_schema", node=CertifyConfig)
+
+
+# --- ranges and choices -----------------------------------------------------------------------
+
+def _real(key: str, value, *, low: float | None = None, strict: bool = True, what: str = "") -> float:
+    ok = (not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
+          and (low is None or (value > low if strict else value >= low)))
+    if not ok:
+        bound = "" if low is None else f" {'>' if strict else '>='} {low:g}"
+        raise ConfigError(f"{key}={value}: must be a finite number{bound}{what}")
+    return float(value)
+
+
+def _int(key: str, value, low: int = 1, what: str = "") -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise ConfigError(f"{key}={value}: must be an integer >= {low}{what}")
+    return int(value)
+
+
+def _choice(key: str, value, choices) -> str:
+    if value not in choices:
+        raise ConfigError(f"{key}={value!r}: choose one of {', '.join(choices)}")
+    return value
+
+
+SIGMA_UNITS = " (the Gaussian noise std, in pixel units of [0,1] images)"
+
+
+def check_optim(optim: DictConfig) -> None:
+    _int("optim.epochs", optim.epochs, what=" (epochs to train)")
+    if not optim.phases:
+        raise ConfigError("optim.phases is empty: give at least one phase (epochs, optimizer)")
+    for i, p in enumerate(optim.phases):
+        _int(f"optim.phases[{i}].epochs", p.epochs)
+        lr = p.optimizer.get("lr")
+        if lr is not None:
+            _real(f"optim.phases[{i}].optimizer.lr", lr, low=0, what=" (a learning rate)")
+    if optim.get("lr") is not None:
+        _real("optim.lr", optim.lr, low=0, what=" (a learning rate)")
+
+
+def check_threshold(value) -> float | str:
+    if value == "auto":
+        return value
+    return _real("rejector.threshold", value, what=" (a logit; reject iff the head's logit > it) "
+                 "or 'auto' (chosen on the validation split)")
+
+
+def check_rejector(rej: DictConfig) -> None:
+    _choice("rejector.target", rej.target, TARGETS)
+    _choice("rejector.head", rej.head, HEADS)
+    check_threshold(rej.threshold)
+    _real("rejector.pos_weight", rej.pos_weight, low=0)
+    _real("rejector.correct_weight", rej.correct_weight, low=0)
+    _real("rejector.focal_gamma", rej.focal_gamma, low=0, strict=False)
+    sel = rej.selection
+    _choice("rejector.selection.objective", sel.objective, SELECTION_OBJECTIVES)
+    _real("rejector.selection.radius", sel.radius, low=0, strict=False)
+    for k in ("images", "draws", "batch"):
+        _int(f"rejector.selection.{k}", sel[k])
+    if sel.N is not None:
+        _int("rejector.selection.N", sel.N)
+    if sel.alpha is not None:
+        _alpha("rejector.selection.alpha", sel.alpha)
+
+
+def _alpha(key: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < 1:
+        raise ConfigError(f"{key}={value}: must be a number in (0, 1) (the failure probability "
+                          "of each certificate, e.g. 0.01)")
+    return float(value)
+
+
+def check_certify_settings(c, prefix: str = "") -> None:
+    """The certification numbers (certify.py's top level, or train.py's `certify` node)."""
+    _alpha(f"{prefix}alpha", c.alpha)
+    n0, n = _int(f"{prefix}N0", c.N0), _int(f"{prefix}N", c.N)
+    for k in ("batch", "images_per_step", "skip"):
+        _int(f"{prefix}{k}", c[k])
+    if isinstance(c.max, bool) or not isinstance(c.max, numbers.Integral) or c.max < -1:
+        raise ConfigError(f"{prefix}max={c.max}: must be an integer >= 0 (stop before this index) "
+                          "or -1 (the whole split)")
+    if n0 > n:
+        raise ConfigError(f"{prefix}N0={n0} > {prefix}N={n}: the selection draws N0 should be a small "
+                          "fraction of the estimation draws N (e.g. N0=100, N=10000)")
+    _choice(f"{prefix}mode", c.mode, MODES)
+    _choice(f"{prefix}split", c.split, SPLITS)
+    if c.bound is not None:
+        _choice(f"{prefix}bound", c.bound, BOUNDS)
+    if c.mode == "staged":
+        if c.radius is None:
+            raise ConfigError(f"{prefix}mode=staged certifies at one target radius: set "
+                              f"{prefix}radius=<r> (L2, pixel units of [0,1] images, like sigma)")
+        _real(f"{prefix}radius", c.radius, low=0)
+
+
+def check_train(cfg: DictConfig) -> None:
+    """Ranges and choices of a composed train.py config; raises one ConfigError naming the key."""
+    stage = _choice("stage", cfg.stage.name, STAGES)
+    # the classifier stage has no use for sigma (classifier.noise_sd is its noise)
+    _real("sigma", cfg.sigma, low=0, strict=stage != "classifier", what=SIGMA_UNITS)
+    _int("T", cfg.T, what=" (noisy copies per image per step)")
+    _int("seed", cfg.seed, low=0)
+    _real("classifier.noise_sd", cfg.classifier.noise_sd, low=0, strict=False,
+          what=" (0: a clean classifier; > 0: Gaussian augmentation, pixel units)")
+    check_optim(cfg.optim)
+    _choice("stage.mode", cfg.stage.mode, ("min", "max"))
+    if stage == "denoiser":
+        _choice("stage.objective", cfg.stage.objective, OBJECTIVES)
+    if stage == "rejector":
+        check_rejector(cfg.rejector)
+    for k in ("batch_size",):
+        if k in cfg.data:
+            _int(f"data.{k}", cfg.data[k])
+    if cfg.certify.systems:
+        for s in cfg.certify.systems:
+            _choice("certify.systems[...]", s, ("rejection", "denoised"))
+        check_certify_settings(cfg.certify, "certify.")
+        if cfg.certify.mode != "certify":
+            raise ConfigError(f"certify.mode={cfg.certify.mode}: the training job certifies with "
+                              "mode=certify; run certify.py for predict or staged")
+
+
+def check_certify(cfg: DictConfig) -> None:
+    """Ranges and choices of a composed certify.py config; raises one ConfigError naming the key."""
+    _choice("system", cfg.system.name, SYSTEMS)
+    _real("sigma", cfg.sigma, low=0, what=SIGMA_UNITS)
+    _int("seed", cfg.seed, low=0)
+    check_certify_settings(cfg)
+    bound = _choice("bound", cfg.bound, BOUNDS)
+    if cfg.system.name != "rejection" and bound != "cohen":
+        raise ConfigError(f"bound={bound} needs a reject class; system={cfg.system.name} has none: "
+                          "use bound=cohen")
