@@ -228,13 +228,14 @@ def job_config(train_cfg: DictConfig, system: str, rejector_ckpt: str | None,
     cfg = compose("certify", [f"system={system}"], return_hydra_config=False)
     tc = to_dict(train_cfg)
     with open_dict(cfg):
-        for key in ("data", "classifier", "denoiser", "certify"):
-            cfg[key] = tc[key]
+        cfg.merge_with({k: tc[k] for k in ("classifier", "denoiser", "certify")})  # typed
+        cfg.data = tc["data"]  # replaced whole: data modules differ in their keys
         cfg.sigma, cfg.seed, cfg.T = tc["sigma"], tc["seed"], tc["T"]
         cfg.pretrained_root = tc["pretrained_root"]
         cfg.rejector_ckpt = rejector_ckpt
         cfg.outdir = str(outdir)
         cfg.logger = {}  # the job logs to its own W&B run (certify_after_fit)
+        cfg.wait = True  # a shared baseline being written by another job: wait, then resume it
         if system != "rejection":
             cfg.bound = "cohen"  # certify.bound (e.g. runner_up) is the rejection system's
         trainer = tc["trainer"]
@@ -252,10 +253,17 @@ def certify_after_fit(train_cfg: DictConfig, rejector_ckpt: str, outdir: Path,
     """train.py certify=...: certify the trained f_R and each other system of certify.systems
     (the denoised baseline: the same classifier and denoiser, no rejector) on the same images and
     noise, through certify(); log each to the job's W&B run. Returns {system: summary}."""
+    from dsr_lightning.config import is_multirun, sweep_dir
+
+    # The baselines do not depend on the job's rejector: in a sweep, the jobs that share one (the
+    # same σ, classifier and denoiser) share its results file in <sweep>/baselines: the first job
+    # writes it, the others wait for the lock and find it done.
+    shared = sweep_dir() / "baselines" if is_multirun() else outdir
     out = {}
     for system in train_cfg.certify.systems:
         ckpt = str(rejector_ckpt) if system == "rejection" else None
-        res = certify(job_config(train_cfg, system, ckpt, outdir))
+        cfg = job_config(train_cfg, system, ckpt, outdir if system == "rejection" else shared)
+        res = certify(cfg)
         out[system] = {"file": res["outfile"], "acr": res["acr"], "acc": res["acc"],
                        "table": res["table"]}
         if wandb_runs:

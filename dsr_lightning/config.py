@@ -54,12 +54,15 @@ def is_multirun() -> bool:
     return hc is not None and hc.mode == RunMode.MULTIRUN
 
 
+def sweep_dir() -> Path:
+    """The folder of the running sweep (inside a multirun job)."""
+    return Path(str(_hydra_node().sweep.dir))
+
+
 def sweep_group(default: str) -> str:
     """The W&B group of a job: the sweep's folder name in a multirun (one group per sweep), else
     `default`."""
-    if is_multirun():
-        return Path(str(_hydra_node().sweep.dir)).name
-    return default
+    return sweep_dir().name if is_multirun() else default
 
 
 def unique_name(base: str) -> str:

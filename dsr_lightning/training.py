@@ -27,6 +27,7 @@ from dsr_lightning.tasks import (
     build_fresh,
     load_frozen,
 )
+from dsr_lightning.threshold import finish_rejector, selection_settings
 
 # Trainer arguments that Lightning refuses with manual optimisation: the tasks apply them
 MANUAL_KEYS = ("gradient_clip_val", "gradient_clip_algorithm", "accumulate_grad_batches")
@@ -75,7 +76,8 @@ def build_task(cfg: DictConfig, run_config: dict) -> tuple[pl.LightningModule, P
         task = RejectorTask(clf, den, net, cfg.optim, target=rej.target, head=rej.head,
                             threshold=0.0 if rej.threshold == "auto" else rej.threshold,
                             pos_weight=rej.pos_weight, correct_weight=rej.correct_weight,
-                            focal_gamma=rej.focal_gamma, run_config=run_config)
+                            focal_gamma=rej.focal_gamma, selection=selection_settings(cfg),
+                            run_config=run_config)
         return task, None
     raise ConfigError(f"stage={stage!r}: choose classifier, denoiser or rejector")
 
@@ -233,8 +235,6 @@ def _finish(cfg, task, trainer, best_cb, last_cb, export, out: Path, datamodule)
         result["export"] = str(export)
     if isinstance(task, RejectorTask):
         result["roc"] = _log_roc(roc, trainer, out) if roc is not None else None
-        from dsr_lightning.threshold import finish_rejector
-
         result.update(finish_rejector(cfg, task, trainer, result, datamodule))
         if cfg.certify.systems:
             from dsr_lightning.certification import certify_after_fit

@@ -5,8 +5,8 @@ included), refusal of other settings and of bad input (the file left byte-identi
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -22,8 +22,8 @@ from hydra.core.hydra_config import HydraConfig
 from scipy.stats import binomtest, norm
 
 from dsr_lightning.certification import certify
-from dsr_lightning.results import CERTIFY_COLUMNS, PREDICT_COLUMNS, REFERENCE_COLUMNS
 from dsr_lightning.errors import ConfigError, ResultsError
+from dsr_lightning.results import CERTIFY_COLUMNS, PREDICT_COLUMNS, REFERENCE_COLUMNS
 
 N0, N, MAX, SIGMA = 10, 50, 4, 0.25
 SMALL = [f"N0={N0}", f"N={N}", "batch=64", f"max={MAX}", "images_per_step=4", f"sigma={SIGMA}"]

@@ -15,9 +15,9 @@ import pytest
 import test_certify as tc
 from test_certify import certify_tiny, cli, copy_results, env, snapshot
 
-from dsr_lightning.smoothing import staged_look
-from dsr_lightning.results import CERTIFY_COLUMNS, REFERENCE_COLUMNS, STAGED_COLUMNS
 from dsr_lightning.errors import ConfigError, ResultsError
+from dsr_lightning.results import CERTIFY_COLUMNS, REFERENCE_COLUMNS, STAGED_COLUMNS
+from dsr_lightning.smoothing import staged_look
 
 rejector, runs = tc.rejector, tc.runs  # the fixtures of test_certify (a tiny rejector, shared runs)
 N0, N, MAX, SIGMA, ALPHA = tc.N0, tc.N, tc.MAX, tc.SIGMA, 0.01

@@ -1,10 +1,10 @@
 """The Monte Carlo engine: chunking, counting, seeding, stages, certify/predict plumbing."""
+from functools import partial
+
 import numpy as np
 import pytest
 import torch
 from scipy.stats import norm
-
-from functools import partial
 
 from dsr_lightning.smoothing import ABSTAIN
 from dsr_lightning.smoothing import SmoothedClassifier as _Smoothed

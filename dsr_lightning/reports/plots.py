@@ -49,7 +49,11 @@ def plot_certified_accuracy(paths, out_png, labels=None, title=None) -> Path:
                 clip_on=False)  # a curve at 0 stays visible on the axis
     ax.set(xlabel="ℓ2 radius", ylabel="certified accuracy", xlim=(0, xmax), ylim=(0, 1))
     ax.grid(alpha=0.3)
-    ax.legend(loc="upper right", fontsize="small")
+    if len(frames) <= 4:
+        ax.legend(loc="upper right", fontsize="small")
+    else:  # many curves: the legend below the axes, where it cannot squeeze them
+        fig.set_size_inches(6.4, 4.4 + 0.22 * len(frames))
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.15), fontsize="x-small")
     if title:
         ax.set_title(title)
     return _save(fig, out_png)

@@ -85,20 +85,31 @@ def default_radii(max_radius: float, step: float = RADIUS_STEP, at_least: float 
     return np.round(np.arange(round(top / step) + 1) * step, 6)
 
 
+def file_label(path) -> str:
+    """A results file's name without `.tsv` (never its stem: the reference scripts' files are
+    named `sigma_0.25`, `sigma_0.50`, whose stems would collapse into `sigma_0`)."""
+    name = Path(path).name
+    return name[:-4] if name.endswith(".tsv") else name
+
+
 def display_label(path, settings: dict) -> str:
-    """settings['label'], else e.g. 'rejection σ=0.25 (paper)' built from the settings, else the
-    file stem."""
+    """settings['label'], else e.g. 'rejection dncnn (mse_obj) σ=0.25 T=20 (paper)' built from the
+    settings record, else the file's name."""
     if settings.get("label"):
         return str(settings["label"])
     system = settings.get("system")
     if not system:
-        return Path(path).stem
+        return file_label(path)
     parts = [str(system)]
-    den = settings.get("denoiser")
+    run = settings.get("run") or {}
+    den = run.get("denoiser") or settings.get("denoiser")
     if isinstance(den, str) and den and "/" not in den and "." not in den:
-        parts.append(den)  # a short name like "dncnn"; paths and configs say nothing useful here
+        # a short name like "dncnn"; paths say nothing useful here
+        parts.append(den + (f" ({run['objective']})" if run.get("objective") else ""))
     if settings.get("sigma") is not None:
         parts.append(f"σ={float(settings['sigma']):g}")
+    if run.get("T") is not None:
+        parts.append(f"T={int(run['T'])}")
     if system == "rejection" and settings.get("bound"):
         parts.append(f"({settings['bound']})")
     if settings.get("mode") == "staged":
@@ -109,14 +120,17 @@ def display_label(path, settings: dict) -> str:
 
 
 def resolve_labels(paths, settings, labels=None) -> list[str]:
-    """The given labels (one per file), else `display_label` of each, made unique by file stem."""
+    """The given labels (one per file), else `display_label` of each, made unique by file name
+    (then by folder)."""
     if labels is not None:
         if len(labels) != len(paths):
             raise ValueError(f"{len(labels)} labels for {len(paths)} files")
         return [str(lab) for lab in labels]
     out = [display_label(p, s) for p, s in zip(paths, settings)]
-    # two runs with the same settings: tell them apart by file
-    return [f"{lab} [{Path(p).stem}]" if out.count(lab) > 1 else lab for p, lab in zip(paths, out)]
+    # two runs with the same settings: tell them apart by file, then by folder
+    out = [f"{lab} [{file_label(p)}]" if out.count(lab) > 1 else lab for p, lab in zip(paths, out)]
+    return [f"{lab} [{Path(p).parent.name}/{file_label(p)}]" if out.count(lab) > 1 else lab
+            for p, lab in zip(paths, out)]
 
 
 def _radius_key(r: float) -> str:
