@@ -33,10 +33,12 @@ def sha256_of(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def load_rejection_system(path: str | Path, sigma: float | None = None) -> tuple[SmoothingSystem, dict]:
+def load_rejection_system(path: str | Path, sigma: float | None = None,
+                          threshold: float | None = None) -> tuple[SmoothingSystem, dict]:
     """f_R rebuilt from a rejector checkpoint of train.py alone (it holds f, D and the heads, the
-    threshold and the resolved config). A σ other than the one the rejector was trained for is
-    refused; so are unreadable files, other stages' checkpoints and non-finite weights."""
+    threshold and the resolved config); `threshold` replaces the checkpoint's. A σ other than the
+    one the rejector was trained for is refused; so are unreadable files, other stages'
+    checkpoints and non-finite weights."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"rejector checkpoint not found: {path}\n  Train one with "
@@ -52,7 +54,8 @@ def load_rejection_system(path: str | Path, sigma: float | None = None) -> tuple
         raise ConfigError(f"the rejector {path} was trained for sigma={run['sigma']:g}, but "
                           f"sigma={float(sigma):g} was asked: certify with sigma={run['sigma']:g} "
                           "or train a rejector for this sigma")
-    threshold = ckpt.get("dsr_threshold", {}).get("value", run["rejector"].get("threshold", 0.0))
+    if threshold is None:
+        threshold = ckpt.get("dsr_threshold", {}).get("value", run["rejector"].get("threshold", 0.0))
     if threshold == "auto":
         raise CheckpointError(f"{path}: rejector.threshold=auto was never chosen for these weights "
                               "(the run ended before the choice?); certify best.ckpt of a finished "
@@ -81,7 +84,7 @@ def build_system(cfg: DictConfig) -> tuple[SmoothingSystem, dict]:
         if not cfg.get("rejector_ckpt"):
             raise ConfigError("system=rejection needs rejector_ckpt=<a rejector checkpoint of "
                               "train.py> (or choose system=denoised|plain)")
-        system, run = load_rejection_system(cfg.rejector_ckpt, cfg.sigma)
+        system, run = load_rejection_system(cfg.rejector_ckpt, cfg.sigma, cfg.get("threshold"))
         path = Path(cfg.rejector_ckpt).resolve()
         return system, {
             "classifier": run["classifier"]["path"], "denoiser": run["denoiser"]["path"],

@@ -30,6 +30,13 @@ def first(*values):
     return next((v for v in values if v is not None), None)
 
 
+def tag(prefix: str, value) -> str:
+    """`${tag:_t,${threshold}}`: '' for null, else the prefix and the value ('_t0.5')."""
+    if value is None:
+        return ""
+    return f"{prefix}{value:g}" if isinstance(value, int | float) else f"{prefix}{value}"
+
+
 def run_dir(ckpt_path, default: str) -> str:
     """hydra.run.dir: a resumed run (ckpt_path=<run>/checkpoints/<file>.ckpt) continues in <run>;
     anything else gets `default`, a new folder."""
@@ -77,7 +84,7 @@ def unique_name(base: str) -> str:
     return f"{base}-{Path(str(out)).name}" if out else base
 
 
-for _name, _fn in (("fmt2", fmt2), ("first", first), ("run_dir", run_dir),
+for _name, _fn in (("fmt2", fmt2), ("first", first), ("tag", tag), ("run_dir", run_dir),
                    ("sweep_group", sweep_group), ("unique_name", unique_name)):
     if not OmegaConf.has_resolver(_name):
         OmegaConf.register_new_resolver(_name, _fn)

@@ -53,7 +53,8 @@ REQUIRED_COLUMNS = ("idx", "label", "predict", "radius", "correct")  # what repo
 # (skip, max, batch and images_per_step choose which images and how fast, not their numbers.)
 IDENTITY_KEYS = ("format", "mode", "system", "sigma", "N0", "N", "alpha", "bound", "split", "seed",
                  "noise", "device", "bf16", "channels_last", "data", "classifier_sha256",
-                 "denoiser_sha256", "rejector_sha256", "radius", "stages", "stage_weights")
+                 "denoiser_sha256", "rejector_sha256", "threshold", "radius", "stages",
+                 "stage_weights")
 
 
 def settings_path(path: str | Path) -> Path:
@@ -144,10 +145,11 @@ def read_table(path: str | Path) -> pd.DataFrame:
     header, rows, _ = read_rows(path, strict=strict)
     df = pd.DataFrame(rows, columns=header)
     for c in header:
-        if c in INT_COLUMNS and (strict or c in REQUIRED_COLUMNS):
-            df[c] = df[c].astype(np.int64)
-        elif strict or c in REQUIRED_COLUMNS:
-            df[c] = df[c].astype(np.float64)
+        try:
+            df[c] = df[c].astype(np.int64 if c in INT_COLUMNS else np.float64)
+        except ValueError:  # a foreign file's text column (e.g. the reference scripts' time)
+            if strict or c in REQUIRED_COLUMNS:
+                raise
     return df
 
 
@@ -191,21 +193,21 @@ class ResultsFile:
 
     def lock(self, wait: bool = False, poll: float = 0.5) -> None:
         """Take the file for this process (held until release() or exit). Another holder: raise
-        ResultsError, or with `wait` block until it is done."""
+        ResultsError, or with `wait` block until it is done. The lock file is removed on release;
+        a process that locked a file just removed tries again on the new one."""
         self.prepare()
-        fd = os.open(self.lockfile, os.O_RDWR | os.O_CREAT, 0o644)
         said = False
         while True:
+            fd = os.open(self.lockfile, os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
             except OSError as e:
                 if e.errno not in (errno.EAGAIN, errno.EACCES):
                     os.close(fd)
                     raise ResultsError(f"cannot lock {self.lockfile}: {e.strerror}") from None
                 holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+                os.close(fd)
                 if not wait:
-                    os.close(fd)
                     raise ResultsError(f"{self.path} is being written by {holder}: one writer at "
                                        "a time. Wait for it (or pass wait=true to wait here), or "
                                        "choose another outfile=...") from None
@@ -213,6 +215,14 @@ class ResultsFile:
                     print(f"waiting for {holder} to finish {self.path} ...", flush=True)
                     said = True
                 time.sleep(poll)
+                continue
+            try:  # the holder before us may have removed the file we locked: then again
+                same = os.fstat(fd).st_ino == os.stat(self.lockfile).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode(), 0)
         self._lock_fd = fd
@@ -220,7 +230,7 @@ class ResultsFile:
     def release(self) -> None:
         if self._lock_fd is not None:
             with suppress(OSError):
-                os.ftruncate(self._lock_fd, 0)
+                self.lockfile.unlink()  # while still holding it: see lock()
             os.close(self._lock_fd)  # closing the descriptor releases the flock
             self._lock_fd = None
 

@@ -182,6 +182,7 @@ class CertifyConfig:
     outdir: str = "results"
     outfile: str = MISSING
     outfile_tag: dict[str, str] = field(default_factory=dict)
+    threshold: float | None = None  # rejection: override the checkpoint's decision threshold
     wait: bool = False         # another process writes the same results file: wait for it
     allow_out_of_range: bool = False  # certify images with values outside [0, 1]
     # train.py's groups that experiments set; certify.py rebuilds them from the checkpoint
@@ -322,6 +323,8 @@ def check_certify(cfg: DictConfig) -> None:
     _real("sigma", cfg.sigma, low=0, what=SIGMA_UNITS)
     _int("seed", cfg.seed, low=0)
     check_certify_settings(cfg)
+    if cfg.get("threshold") is not None:
+        _real("threshold", cfg.threshold, what=" (a logit: reject iff the head's logit > it)")
     bound = _choice("bound", cfg.bound, BOUNDS)
     if cfg.system.name != "rejection" and bound != "cohen":
         raise ConfigError(f"bound={bound} needs a reject class; system={cfg.system.name} has none: "

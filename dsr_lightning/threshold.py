@@ -11,7 +11,7 @@ the weights, to maximise a certification objective estimated on validation draws
   per image follow; c_A is the top real class; the certificate is the one certify.py would give
   at the configured N and α if the probabilities were the observed frequencies;
 - objective `acr`: the mean certified radius of correct predictions (the ACR); `accuracy`: the
-  certified accuracy at `radius`. Ties go to the largest t (reject least).
+  certified accuracy at `radius`. Ties go to the larger ACR, then to the larger t (reject least).
 
 Only the validation split (held out of the training split) is used, never the test split; the
 chosen t is a fixed part of f_R before any test image is drawn, so the certificates stay sound.
@@ -65,40 +65,46 @@ def candidates(logit: np.ndarray, k: int = CANDIDATES) -> np.ndarray:
     return np.concatenate([mids, [np.inf]])
 
 
-def threshold_scores(pred: np.ndarray, logit: np.ndarray, label: np.ndarray,
-                     thresholds: np.ndarray, num_classes: int, sigma: float, N: int, alpha: float,
-                     bound: str = "paper", objective: str = "acr",
-                     radius: float = 0.0) -> np.ndarray:
-    """The objective (module docstring) of each threshold: (len(thresholds),)."""
-    I, n = pred.shape
-    onehot = np.eye(num_classes, dtype=np.int64)[pred]               # (I, n, K)
-    scores = np.empty(len(thresholds))
-    for j, t in enumerate(thresholds):
-        keep = logit <= t                                            # (I, n)
-        real = (onehot * keep[..., None]).sum(1)                     # (I, K)
-        counts = np.concatenate([real, (~keep).sum(1, keepdims=True)], 1)  # (I, K+1)
-        c_hat = real.argmax(1)                                       # (I,)
-        scaled = np.rint(counts * (N / n)).astype(np.int64)          # the frequencies at N
-        d = certify_details(scaled, c_hat, sigma, alpha, bound)
-        ok = d.prediction == label
-        scores[j] = (np.mean(ok * d.radius) if objective == "acr"
-                     else np.mean(ok & (d.radius >= radius)))
-    return scores
+def counts_at(pred: np.ndarray, logit: np.ndarray, t: float, num_classes: int) -> np.ndarray:
+    """The counts (I, K+1) of f_R with threshold t over collected draws (last column: reject)."""
+    keep = logit <= t                                                 # (I, n)
+    real = (np.eye(num_classes, dtype=np.int64)[pred] * keep[..., None]).sum(1)  # (I, K)
+    return np.concatenate([real, (~keep).sum(1, keepdims=True)], 1)
+
+
+def estimate(draws: dict, t: float, num_classes: int, sigma: float, N: int, alpha: float,
+             bound: str = "paper", radius: float = 0.0) -> dict:
+    """What threshold t is worth on collected draws: the certificate certify.py would give each
+    image at N and α if the probabilities were the observed frequencies (c_A the top real class),
+    and the mean frequencies p_A, p_A + p_R behind it."""
+    pred, logit, label = draws["pred"], draws["logit"], draws["label"]
+    n = pred.shape[1]
+    counts = counts_at(pred, logit, t, num_classes)
+    c_hat = counts[:, :-1].argmax(1)                                  # (I,)
+    scaled = np.rint(counts * (N / n)).astype(np.int64)              # the frequencies at N
+    d = certify_details(scaled, c_hat, sigma, alpha, bound)
+    ok = d.prediction == label
+    n_a = np.take_along_axis(counts, c_hat[:, None], 1)[:, 0]
+    return {"acr": float(np.mean(ok * d.radius)),
+            "accuracy": float(np.mean(ok & (d.radius >= radius))),
+            "pA": float(np.mean(n_a / n)), "pAR": float(np.mean((n_a + counts[:, -1]) / n))}
 
 
 def choose_threshold(draws: dict, num_classes: int, sigma: float, N: int, alpha: float,
                      bound: str = "paper", objective: str = "acr", radius: float = 0.0) -> dict:
     """The best threshold for collected draws, and what it is worth: {"value", "score",
-    "score_never_reject", "reject_rate", "reject_rate_f_right", "reject_rate_f_wrong"}."""
+    "score_never_reject", "reject_rate", "reject_rate_f_right", "reject_rate_f_wrong", ...}.
+    Ties go to the larger ACR, then to the larger threshold (reject least)."""
     ts = candidates(draws["logit"])
-    scores = threshold_scores(draws["pred"], draws["logit"], draws["label"], ts, num_classes,
-                              sigma, N, alpha, bound, objective, radius)
-    best = int(np.flatnonzero(scores >= scores.max() - 1e-12)[-1])  # ties: the largest t
+    ests = [estimate(draws, t, num_classes, sigma, N, alpha, bound, radius) for t in ts]
+    best = max(range(len(ts)), key=lambda j: (round(ests[j][objective], 12),
+                                              round(ests[j]["acr"], 12), ts[j]))
     t = float(ts[best])
     reject = draws["logit"] > t
     right = draws["pred"] == draws["label"][:, None]
-    return {"value": t, "score": float(scores[best]), "score_never_reject": float(scores[-1]),
-            "objective": objective, "reject_rate": float(reject.mean()),
+    return {"value": t, "score": ests[best][objective], "score_never_reject": ests[-1][objective],
+            "objective": objective, "pA": ests[best]["pA"], "pAR": ests[best]["pAR"],
+            "reject_rate": float(reject.mean()),
             "reject_rate_f_right": float(reject[right].mean()) if right.any() else float("nan"),
             "reject_rate_f_wrong": float(reject[~right].mean()) if (~right).any() else float("nan")}
 
@@ -139,14 +145,16 @@ def selection_settings(cfg) -> dict | None:
             "radius": float(sel.radius), "sigma": float(cfg.sigma), "seed": int(cfg.seed)}
 
 
-def finish_rejector(cfg, task, trainer, result: dict, datamodule) -> dict:
+def finish_rejector(cfg, result: dict) -> dict:
     """After fit: the threshold f_R uses (read back from the best checkpoint when chosen)."""
     if cfg.rejector.threshold != "auto":
         return {"threshold": float(cfg.rejector.threshold), "threshold_note": "configured"}
     path = result.get("best") or result.get("last")
     if not path:
         return {}
-    choice = torch.load(path, map_location="cpu", weights_only=False).get("dsr_threshold") or {}
+    from dsr_lightning.models import read_checkpoint
+
+    choice = read_checkpoint(path, weights_only=False).get("dsr_threshold") or {}
     if "value" not in choice:
         return {}
     note = (f"auto: {choice['objective']} {choice['score']:.4f} on {choice['images']} validation "
@@ -155,3 +163,63 @@ def finish_rejector(cfg, task, trainer, result: dict, datamodule) -> dict:
             f"draws, {100 * choice['reject_rate_f_right']:.1f} % of those f gets right, "
             f"{100 * choice['reject_rate_f_wrong']:.1f} % of those it gets wrong")
     return {"threshold": choice["value"], "threshold_note": note, "threshold_choice": choice}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m dsr_lightning.threshold CKPT`: how f_R's certification moves with the threshold,
+    on the validation draws of a rejector checkpoint (the diagnosis behind threshold=auto)."""
+    import argparse
+    import sys
+
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from dsr_lightning.certification import load_rejection_system
+    from dsr_lightning.errors import USER_ERRORS
+
+    p = argparse.ArgumentParser(prog="python -m dsr_lightning.threshold", description=main.__doc__)
+    p.add_argument("ckpt", help="a rejector checkpoint of train.py")
+    p.add_argument("--images", type=int, default=200)
+    p.add_argument("--draws", type=int, default=100)
+    p.add_argument("--N", type=int, default=None, help="default: the run's certify.N")
+    p.add_argument("--alpha", type=float, default=None, help="default: the run's certify.alpha")
+    p.add_argument("--batch", type=int, default=512)
+    args = p.parse_args(argv)
+    try:
+        system, run = load_rejection_system(args.ckpt)
+        dm = instantiate(OmegaConf.create(run["data"]))
+        val = dm.dataset("val")
+        sigma, seed = float(run["sigma"]), int(run["seed"])
+        N = args.N or int(run["certify"]["N"])
+        alpha = args.alpha or float(run["certify"]["alpha"])
+        draws = collect_draws(system, val, args.images, args.draws, sigma, args.batch, seed, "cpu")
+        xs = torch.stack([val[i][0] for i in range(draws["pred"].shape[0])])
+        with torch.inference_mode():
+            clean = system.classifier(xs).argmax(1).numpy()          # f(x), the paper's target
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    K = system.num_classes
+    right = draws["pred"] == draws["label"][:, None]
+    target = draws["pred"] != clean[:, None]
+    chosen = (run.get("_threshold") or {}).get("value")
+    print(f"{args.ckpt}: sigma={sigma:g}, {draws['pred'].shape[0]} validation images x "
+          f"{args.draws} draws; estimates at N={N}, alpha={alpha:g}, bound=paper\n"
+          f"f(D(x+e)) right on {100 * right.mean():.1f} % of draws; target b = 1[f(D(x+e)) != f(x)] "
+          f"on {100 * target.mean():.1f} %; the checkpoint's threshold: {chosen}\n")
+    ts = sorted(set(np.quantile(draws["logit"], np.linspace(0, 1, 11)[1:-1]).round(3).tolist())
+                | {0.0, np.inf} | ({float(chosen)} if chosen is not None else set()))
+    print("| threshold | reject % | reject % (f right) | reject % (f wrong) | mean p_A | "
+          "mean p_A+p_R | est. ACR | est. acc r=0 |\n|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for t in ts:
+        e = estimate(draws, t, K, sigma, N, alpha)
+        rej = draws["logit"] > t
+        mark = " (chosen)" if chosen is not None and t == float(chosen) else ""
+        print(f"| {t:.3g}{mark} | {100 * rej.mean():.1f} | {100 * rej[right].mean():.1f} | "
+              f"{100 * rej[~right].mean():.1f} | {e['pA']:.3f} | {e['pAR']:.3f} | {e['acr']:.3f} | "
+              f"{100 * e['accuracy']:.1f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -207,7 +207,7 @@ def train(cfg: DictConfig) -> dict:
             wandb_runs = [wandb_logger.experiment]
             task.wandb_record = wandb_run_record(wandb_logger)  # the checkpoints keep the run's id
         trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-        result = _finish(cfg, task, trainer, best_cb, last_cb, export, out, datamodule)
+        result = _finish(cfg, task, trainer, best_cb, last_cb, export, out)
         ok = True
         return result
     finally:
@@ -215,7 +215,7 @@ def train(cfg: DictConfig) -> dict:
             run.finish(exit_code=0 if ok else 1)
 
 
-def _finish(cfg, task, trainer, best_cb, last_cb, export, out: Path, datamodule) -> dict:
+def _finish(cfg, task, trainer, best_cb, last_cb, export, out: Path) -> dict:
     monitor = cfg.stage.monitor
     best = best_cb.best_model_path if best_cb is not None else ""
     score = best_cb.best_model_score if best_cb is not None else None
@@ -235,7 +235,7 @@ def _finish(cfg, task, trainer, best_cb, last_cb, export, out: Path, datamodule)
         result["export"] = str(export)
     if isinstance(task, RejectorTask):
         result["roc"] = _log_roc(roc, trainer, out) if roc is not None else None
-        result.update(finish_rejector(cfg, task, trainer, result, datamodule))
+        result.update(finish_rejector(cfg, result))
         if cfg.certify.systems:
             from dsr_lightning.certification import certify_after_fit
 
