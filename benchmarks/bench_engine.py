@@ -3,7 +3,9 @@
 Both paths certify the same images with the same base f_R and the same N0, N, batch size, sigma
 and statistics (certify_details), so what differs is the sampling:
   (a) engine: SmoothedClassifier.certify on all images at once: one stream of mixed-image chunks,
-      noise drawn on the device, counting on the device, one host sync;
+      noise drawn on the device (`--noise image`, the default and certify.py's: each image its own
+      counter-based stream, smoothing.ImageNoise; `--noise stream`: one generator for the call),
+      counting on the device, one host sync;
   (b) reference (as Cohen et al.'s core.py / Salman et al.): one image at a time, an N0 selection
       pass then the N pass, x.repeat((this_batch, 1, 1, 1)) per batch, randn_like noise on the same
       device, labels copied to the host per batch and counted with a Python loop (`--ref-count
@@ -27,7 +29,7 @@ import numpy as np
 import torch
 
 from dsr_lightning.models import Classifier, DnCNN, Rejector, ResNet, SmoothingSystem
-from dsr_lightning.smoothing import SmoothedClassifier, certify_details
+from dsr_lightning.smoothing import ImageNoise, SmoothedClassifier, certify_details
 
 SUBSET = Path(__file__).resolve().parents[1] / "dsr_lightning/data/cifar10_subset/cifar10_subset.npz"
 
@@ -125,6 +127,10 @@ def main():
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeats", type=int, default=2, help="timed runs per path, alternating; best")
+    p.add_argument("--noise", choices=["image", "stream"], default="image",
+                   help="engine noise: per-image streams (certify.py) or one generator")
+    p.add_argument("--no-reference", action="store_true", help="time the engine only")
+    p.add_argument("--compile", action="store_true", help="torch.compile the base (engine only)")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -143,30 +149,46 @@ def main():
     if a.channels_last:
         system = system.to(memory_format=torch.channels_last)
     base = make_base(system, device, a.bf16, a.channels_last)
+    engine_base = base
+    if a.compile:  # the reference keeps the eager base
+        compiled = torch.compile(system, dynamic=False)
+        engine_base = make_base(compiled, device, a.bf16, a.channels_last)
     imgs = np.load(SUBSET)["x_test"][:a.images]  # (B, 32, 32, 3) uint8
     x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float().div(255).contiguous().to(device)
-    smoothed = SmoothedClassifier(base, sigma=a.sigma)
+    smoothed = SmoothedClassifier(engine_base, sigma=a.sigma)
     gen = torch.Generator(device=device).manual_seed(a.seed)
     eb = a.engine_batch or a.batch
 
+    def noise():
+        return ImageNoise(a.seed, range(len(x))) if a.noise == "image" else None
+
     def engine():
-        c = smoothed.certify(x, a.n0, a.n, a.alpha, eb, a.bound, generator=gen)
+        c = smoothed.certify(x, a.n0, a.n, a.alpha, eb, a.bound, generator=gen, noise=noise())
         return c.prediction, c.radius
 
     def reference():
         return reference_certify(base, x, a.n0, a.n, a.sigma, a.alpha, a.batch, a.bound,
                                  a.ref_count)
 
-    # warm-up (allocator, cudnn autotune, lazy init) on one image, small N
-    smoothed.certify(x[:1], a.n0, a.batch, a.alpha, eb, a.bound, generator=gen)
-    reference_certify(base, x[:1], a.n0, a.batch, a.sigma, a.alpha, a.batch, a.bound, a.ref_count)
+    # warm-up (allocator, cudnn autotune, lazy init, compilation) on two images: full chunks
+    t0 = time.perf_counter()
+    smoothed.certify(x[:2], a.n0, eb, a.alpha, eb, a.bound, generator=gen,
+                     noise=ImageNoise(a.seed, [0, 1]) if a.noise == "image" else None)
+    if not a.no_reference:
+        reference_certify(base, x[:1], a.n0, a.batch, a.sigma, a.alpha, a.batch, a.bound,
+                          a.ref_count)
+    print(f"warm-up {time.perf_counter() - t0:.1f} s")
 
     print(f"system={a.system} device={device} threads={torch.get_num_threads()} images={a.images}"
           f" N0={a.n0} N={a.n} batch={a.batch} engine_batch={eb} bf16={a.bf16}"
-          f" channels_last={a.channels_last} ref_count={a.ref_count}")
-    times = {"reference": [], "engine": []}
+          f" channels_last={a.channels_last} ref_count={a.ref_count} noise={a.noise}"
+          f" compile={a.compile}" + (f" gpu={torch.cuda.get_device_name(device)}"
+                                     if device.type == "cuda" else ""))
+    paths = (("engine", engine),) if a.no_reference else (("reference", reference),
+                                                          ("engine", engine))
+    times = {name: [] for name, _ in paths}
     for _ in range(a.repeats):  # alternate the two paths so drift in machine load hits both
-        for name, fn in (("reference", reference), ("engine", engine)):
+        for name, fn in paths:
             sync()
             base.seconds, t0 = 0.0, time.perf_counter()
             pred, radius = fn()
@@ -182,7 +204,8 @@ def main():
         print(f"{name:>9} best: {dt / a.images:8.3f} s/image  {a.images / dt:8.2f} images/s"
               f"  ({(a.n0 + a.n) * a.images / dt:,.0f} samples/s)")
     times = {k: min(v) for k, v in times.items()}
-    print(f"speed-up engine vs reference: {times['reference'] / times['engine']:.2f}x")
+    if "reference" in times:
+        print(f"speed-up engine vs reference: {times['reference'] / times['engine']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -37,10 +37,12 @@ from dsr_lightning.tasks import RejectorTask, build_fresh
 CL = torch.channels_last
 
 
-def build(config: str, T: int):
-    """f, D (frozen, eval) and a fresh rejector from conf/: paper = the train.yaml defaults
-    (ResNet-110, DnCNN 17x64, ResNet-34-like rejector 3-4-6-3 width 64); tiny = experiment=tiny."""
-    cfg = compose("train", [f"T={T}"] + (["experiment=tiny"] if config == "tiny" else []))
+def build(config: str, T: int, denoiser: str | None = None):
+    """f, D (frozen, eval) and a fresh rejector from the config tree: paper = the train.yaml
+    defaults (ResNet-110, DnCNN 17x64, ResNet-34-like rejector 3-4-6-3 width 64; `denoiser`: another
+    denoiser option, e.g. memnet); tiny = experiment=tiny."""
+    over = [f"T={T}"] + (["experiment=tiny"] if config == "tiny" else [])
+    cfg = compose("train", over + ([f"denoiser={denoiser}"] if denoiser else []))
     f, d = freeze(build_fresh(cfg.classifier)), freeze(build_fresh(cfg.denoiser))
     r = instantiate(cfg.rejector.net)(num_classes=f.num_classes, feature_channels=f.feature_channels)
     return cfg, f, d, r
@@ -102,6 +104,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=None, help="clean images per step "
                     "(default: 64 on cuda, 2 on cpu)")
     ap.add_argument("--T", type=int, default=20, help="noise draws per image")
+    ap.add_argument("--denoiser", default=None, help="a denoiser option (dncnn, memnet, ...)")
     ap.add_argument("--sigma", type=float, default=0.25)
     ap.add_argument("--steps", type=int, default=None, help="timed steps (default: 20 cuda, 3 cpu)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps (default: 5 cuda, 1 cpu)")
@@ -118,13 +121,13 @@ def main() -> None:
     warmup = a.warmup if a.warmup is not None else (5 if cuda else 1)
 
     torch.manual_seed(a.seed)
-    cfg, f, d, r = build(a.config, a.T)
+    cfg, f, d, r = build(a.config, a.T, a.denoiser)
     f, d, r = f.to(device), d.to(device), r.to(device)
     x = torch.rand(B, 3, 32, 32, device=device)
     y = torch.randint(f.num_classes, (B,), device=device)
     n_params = sum(p.numel() for p in r.parameters())
     print(f"config {a.config}: classifier {cfg.classifier.arch}, denoiser {cfg.denoiser.arch} "
-          f"{dict(cfg.denoiser.arch_kwargs) or '17x64'}, rejector width {cfg.rejector.net.width} "
+          f"{dict(cfg.denoiser.arch_kwargs) or '(published size)'}, rejector width {cfg.rejector.net.width} "
           f"blocks {list(cfg.rejector.net.blocks)} ({n_params / 1e6:.2f} M params)")
     print(f"device {torch.cuda.get_device_name(device) if cuda else 'cpu'}, "
           f"{torch.get_num_threads()} CPU threads, torch {torch.__version__}")
