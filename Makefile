@@ -21,11 +21,14 @@ test: install ## Run the test suite (fast tests; CPU only)
 test-slow: install ## Run the slow tests too (DDP, subprocess kill/resume)
 	$(PY) -m pytest -q -m ""
 
+wheel-check: install ## Build the wheel and run tiny stages from it outside the checkout (CI)
+	PY=$(PY) bash scripts/check_wheel.sh
+
 lint: ## ruff check
 	$(PY) -m ruff check .
 
-report: ## Table and curves for results/*.tsv (FILES=... to choose)
-	$(PY) -m dsr_lightning.reports $(or $(FILES),results/*.tsv)
+report: ## Tables and curves for every results file below a folder (DIR=..., default outputs)
+	$(PY) -m dsr_lightning.reports $(or $(DIR),outputs)
 
 bench: ## Speed benchmarks on this machine (engine vs reference loop; training throughput)
 	$(PY) benchmarks/bench_engine.py
@@ -34,4 +37,4 @@ bench: ## Speed benchmarks on this machine (engine vs reference loop; training t
 clean: ## Remove run outputs (keeps .venv)
 	rm -rf outputs multirun .pytest_cache .ruff_cache
 
-.PHONY: help install demo test test-slow lint report bench clean
+.PHONY: help install demo test test-slow wheel-check lint report bench clean

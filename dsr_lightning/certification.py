@@ -114,7 +114,8 @@ def settings_of(cfg: DictConfig, sources: dict, data: dict, device: str) -> dict
             "sigma": float(cfg.sigma), "N0": int(cfg.N0), "N": int(cfg.N),
             "alpha": float(cfg.alpha), "bound": cfg.bound, "split": cfg.split,
             "seed": int(cfg.seed), "noise": NOISE, "device": device, "bf16": bool(cfg.bf16),
-            "channels_last": bool(cfg.channels_last), "data": data, **sources,
+            "channels_last": bool(cfg.channels_last), "compile": bool(cfg.compile), "data": data,
+            **sources,
             "skip": int(cfg.skip), "max": int(cfg.max), "batch": int(cfg.batch),
             # mode=staged only (absent, i.e. None, in the other modes' records)
             **({"radius": float(cfg.radius), "stages": [int(s) for s in cfg.stages],
@@ -177,7 +178,8 @@ def certify(cfg: DictConfig) -> dict:
         print(f"certify: {len(todo)} images to go ({len(done)} already in {results.path})",
               flush=True)
         if todo:
-            base = FastBase(system, bf16=cfg.bf16, channels_last=cfg.channels_last)
+            base = FastBase(system, bf16=cfg.bf16, channels_last=cfg.channels_last,
+                            compile=cfg.compile)
             staged = {"radius": float(cfg.radius), "stages": list(cfg.stages),
                       "stage_weights": _weights(cfg)} if cfg.mode == "staged" else {}
             module = CertifyModule(base, cfg.sigma, int(cfg.N0), int(cfg.N), float(cfg.alpha),

@@ -52,9 +52,9 @@ REQUIRED_COLUMNS = ("idx", "label", "predict", "radius", "correct")  # what repo
 # Everything that changes the numbers of a row: a file is only extended under the same values.
 # (skip, max, batch and images_per_step choose which images and how fast, not their numbers.)
 IDENTITY_KEYS = ("format", "mode", "system", "sigma", "N0", "N", "alpha", "bound", "split", "seed",
-                 "noise", "device", "bf16", "channels_last", "data", "classifier_sha256",
-                 "denoiser_sha256", "rejector_sha256", "threshold", "radius", "stages",
-                 "stage_weights")
+                 "noise", "device", "bf16", "channels_last", "compile", "data",
+                 "classifier_sha256", "denoiser_sha256", "rejector_sha256", "threshold", "radius",
+                 "stages", "stage_weights")
 
 
 def settings_path(path: str | Path) -> Path:

@@ -114,6 +114,7 @@ class CertifySettings:
     split: str = "test"
     bf16: bool = False
     channels_last: bool = False
+    compile: bool = False      # torch.compile the networks (GPU; pays on long runs)
     radius: float | None = None
     stages: list[int] = field(default_factory=lambda: [100, 1000, 10_000])
     stage_weights: list[float] | None = None
@@ -175,6 +176,7 @@ class CertifyConfig:
     split: str = II("certify.split")
     bf16: bool = II("certify.bf16")
     channels_last: bool = II("certify.channels_last")
+    compile: bool = II("certify.compile")
     radius: float | None = II("certify.radius")
     stages: list[int] = II("certify.stages")
     stage_weights: list[float] | None = II("certify.stage_weights")

@@ -25,14 +25,18 @@ from dsr_lightning.smoothing import (
 
 
 class FastBase(nn.Module):
-    """f_R with the speed options: channels_last input and bf16 autocast (CUDA, or a CPU with bf16)."""
+    """f_R with the speed options: channels_last input, bf16 autocast (CUDA, or a CPU with bf16),
+    and torch.compile (benchmarks/README.md: 1.5x on an H100 for the paper's system, after about a
+    minute of compiling)."""
 
-    def __init__(self, system: nn.Module, bf16: bool = False, channels_last: bool = False):
+    def __init__(self, system: nn.Module, bf16: bool = False, channels_last: bool = False,
+                 compile: bool = False):
         super().__init__()
-        self.system, self.bf16, self.channels_last = system, bf16, channels_last
+        self.bf16, self.channels_last = bf16, channels_last
         self.num_classes = system.num_classes
         if channels_last:
             system.to(memory_format=torch.channels_last)
+        self.system = torch.compile(system, dynamic=False) if compile else system
 
     def forward(self, noisy: torch.Tensor) -> torch.Tensor:
         if self.channels_last:
