@@ -23,7 +23,8 @@ def options(group: str) -> list[str]:
 
 TOP = ["train", "certify"]
 TESTED_GROUPS = {"data", "classifier", "denoiser", "rejector", "optim", "trainer", "logger",
-                 "stage", "experiment", "system", "callbacks", "certify"}
+                 "stage", "experiment", "system", "callbacks", "certify",
+                 "hydra"}  # hydra/launcher=slurm: test_experiments.py
 
 
 def test_every_group_and_top_config_is_tested():
