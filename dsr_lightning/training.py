@@ -158,8 +158,8 @@ def _loggers(cfg: DictConfig, resumed: dict | None) -> list:
     for node in (cfg.get("logger") or {}).values():
         kwargs = {}
         target = str(node.get("_target_", ""))
-        if resumed and resumed.get("in_place") and target.endswith("CSVLogger"):
-            kwargs["append"] = target == "dsr_lightning.loggers.CSVLogger"
+        if resumed and resumed.get("in_place") and target == "dsr_lightning.loggers.CSVLogger":
+            kwargs["append"] = True
         if resumed and target.endswith("WandbLogger") and resumed.get("wandb"):
             rec = resumed["wandb"]
             kwargs.update(id=rec["id"], group=rec.get("group") or node.get("group"))
@@ -196,6 +196,9 @@ def train(cfg: DictConfig) -> dict:
     datamodule = instantiate(cfg.data)
     callbacks = _callbacks(cfg)
     best_cb, last_cb = _checkpoints(callbacks, cfg.stage.monitor)
+    if cfg.stage.name == "rejector" and cfg.certify.systems and best_cb is last_cb is None:
+        raise ConfigError("certify=... certifies the trained rejector's checkpoint: keep the "
+                          "model_checkpoint or last callback (callbacks=default)")
     loggers = _loggers(cfg, resumed)
     trainer: pl.Trainer = instantiate(tcfg, callbacks=callbacks, logger=loggers or False)
     wandb_logger = next((lg for lg in trainer.loggers if isinstance(lg, pl.loggers.WandbLogger)),
@@ -239,12 +242,8 @@ def _finish(cfg, task, trainer, best_cb, last_cb, export, out: Path) -> dict:
         if cfg.certify.systems:
             from dsr_lightning.certification import certify_after_fit
 
-            ckpt = result["best"] or result["last"]
-            if not ckpt:
-                raise ConfigError("certify=... needs a rejector checkpoint: keep the "
-                                  "model_checkpoint or last callback (callbacks=default)")
-            result["certification"] = certify_after_fit(cfg, ckpt, out / "results",
-                                                        _wandb_runs(trainer))
+            result["certification"] = certify_after_fit(cfg, result["best"] or result["last"],
+                                                        out / "results", _wandb_runs(trainer))
     cert = result.get("certification", {}).get("rejection")
     result["objective"] = cert["acr"] if cert else result["best_score"]
     return result
