@@ -170,6 +170,11 @@ def _loggers(cfg: DictConfig, resumed: dict | None) -> list:
 def _trainer_config(cfg: DictConfig) -> tuple[DictConfig, dict]:
     """The Trainer's config without the keys manual optimisation handles itself, and those keys."""
     tcfg = OmegaConf.create(OmegaConf.to_container(cfg.trainer, resolve=True))
+    for key, how in (("callbacks", "the callbacks group: callbacks=[default,early_stopping] or "
+                                   "+callbacks.<name>._target_=..."),
+                     ("logger", "the logger group: logger=wandb or +logger.<name>._target_=...")):
+        if key in tcfg:
+            raise ConfigError(f"trainer.{key} is not read: set {key} through {how}")
     manual = {}
     with open_dict(tcfg):
         for k in MANUAL_KEYS:
@@ -183,12 +188,12 @@ def train(cfg: DictConfig) -> dict:
     """Run the configured stage; returns the metrics, the best checkpoint and its score, the
     outputs and, with `certify=...`, the certification of the trained system."""
     check_train(cfg)
+    tcfg, manual = _trainer_config(cfg)
     resumed = check_resume(cfg, cfg.ckpt_path) if cfg.get("ckpt_path") else None
     pl.seed_everything(int(cfg.seed), workers=True)
     out = output_dir(cfg)
     run_config = to_dict(cfg)
     task, export = build_task(cfg, run_config)
-    tcfg, manual = _trainer_config(cfg)
     task.configure_manual_optimization(
         clip_val=manual.get("gradient_clip_val"),
         clip_algorithm=manual.get("gradient_clip_algorithm"),

@@ -141,6 +141,11 @@ def test_callbacks_group(tiny_cfg):
     assert [type(c).__name__ for c in _callbacks(tiny_cfg("callbacks=none"))] == ["EpochTime"]
 
 
+def test_trainer_callbacks_point_to_the_group(tiny_cfg):
+    with pytest.raises(ConfigError, match="trainer.callbacks is not read: set callbacks through"):
+        train(tiny_cfg("+trainer.callbacks=[]"))
+
+
 def test_without_checkpoints_the_stage_exports_the_final_weights(tiny_cfg, tmp_path):
     res = train(tiny_cfg("stage=classifier", "callbacks=none", f"pretrained_root={tmp_path}"))
     assert res["best"] == "" and Path(res["export"]).is_file()
