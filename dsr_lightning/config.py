@@ -37,6 +37,18 @@ def tag(prefix: str, value) -> str:
     return f"{prefix}{value:g}" if isinstance(value, int | float) else f"{prefix}{value}"
 
 
+def safe_name(text: str, limit: int = 160) -> str:
+    """A job folder's name from Hydra's override_dirname: path separators become '_' (a path in
+    an override, e.g. pretrained_root=a/b, would nest the folder), and a long name is cut and
+    given a short hash so it stays unique and within the file system's limit."""
+    import hashlib
+
+    text = str(text).replace("/", "_").replace("\\", "_")
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}~{hashlib.sha1(text.encode()).hexdigest()[:8]}"
+
+
 def run_dir(ckpt_path, default: str) -> str:
     """hydra.run.dir: a resumed run (ckpt_path=<run>/checkpoints/<file>.ckpt) continues in <run>;
     anything else gets `default`, a new folder."""
@@ -84,7 +96,8 @@ def unique_name(base: str) -> str:
     return f"{base}-{Path(str(out)).name}" if out else base
 
 
-for _name, _fn in (("fmt2", fmt2), ("first", first), ("tag", tag), ("run_dir", run_dir),
+for _name, _fn in (("fmt2", fmt2), ("first", first), ("tag", tag), ("safe_name", safe_name),
+                   ("run_dir", run_dir),
                    ("sweep_group", sweep_group), ("unique_name", unique_name)):
     if not OmegaConf.has_resolver(_name):
         OmegaConf.register_new_resolver(_name, _fn)

@@ -110,7 +110,7 @@ def read_rows(path: str | Path, strict: bool = True) -> tuple[list[str], list[li
     if not lines[0] or lines[0] == text and torn:
         raise ResultsError(f"{path}: no header line (an empty or torn file)")
     header = lines[0].split("\t")
-    missing = [c for c in REQUIRED_COLUMNS if c not in header] if not strict else []
+    missing = [c for c in (REQUIRED_COLUMNS if not strict else ("idx",)) if c not in header]
     if missing:
         hint = " (mode=predict output? reports need mode=certify)" if missing == ["radius"] else ""
         raise ResultsError(f"{path}: missing column(s) {', '.join(missing)}{hint}; found "

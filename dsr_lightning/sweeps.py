@@ -72,7 +72,7 @@ class SweepSummary(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep = Path(config.hydra.sweep.dir)
         failed = failures(sweep, getattr(self, "start", 0.0))
-        jobs = [p.parent.parent for p in sweep.glob("*/.hydra/config.yaml")
+        jobs = [p.parent.parent for p in sweep.rglob(".hydra/config.yaml")
                 if p.stat().st_mtime >= getattr(self, "start", 0.0)]
         print(f"\nsweep {sweep}: {len(jobs)} jobs, {len(jobs) - len(failed)} succeeded, "
               f"{len(failed)} failed", flush=True)

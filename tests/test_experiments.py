@@ -109,9 +109,10 @@ def test_certify_none_is_the_default(tiny_pretrained, tiny_cfg):
 def test_sweep_runs_every_job_reports_the_failed_one_and_lands_on_one_wandb_group(
         tiny_pretrained, tmp_path):
     sweep = tmp_path / "sweepA"
-    # sigma=1.0 has no denoiser: that job fails; the other two run and are certified
+    # sigma=1.0 has no denoiser: that job fails; the other two run and are certified. A path in
+    # an override (pretrained_root=/...) must not nest the job folders.
     r = train_cli("-m", "experiment=tiny", "sigma=0.25,1.0", "T=1,2", *QUICK, "logger=wandb",
-                  f"hydra.sweep.dir={sweep}", cwd=tiny_pretrained.cwd)
+                  tiny_pretrained.override, f"hydra.sweep.dir={sweep}", cwd=tiny_pretrained.cwd)
     assert r.returncode == 1, r.stderr[-3000:]
     assert "sweep " in r.stdout and "4 jobs, 2 succeeded, 2 failed" in r.stdout
     assert "FAILED job 2: experiment=tiny sigma=1.0 T=1" in r.stdout
@@ -119,6 +120,7 @@ def test_sweep_runs_every_job_reports_the_failed_one_and_lands_on_one_wandb_grou
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error: job")]
     assert len(errors) == 2 and "Traceback" not in r.stderr
     jobs = {p.name.split("_")[0]: p for p in sweep.iterdir() if p.is_dir() and p.name[0].isdigit()}
+    assert sorted(jobs) == ["0", "1", "2", "3"] and all((j / ".hydra").is_dir() for j in jobs.values())
     failed = json.loads((jobs["2"] / "FAILED.json").read_text())
     assert failed["overrides"][:3] == ["experiment=tiny", "sigma=1.0", "T=1"]
     assert failed["type"] == "ConfigError" and failed["user_error"] is True
