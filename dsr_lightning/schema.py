@@ -68,8 +68,8 @@ class RejectorConfig:
     net: dict[str, Any] = MISSING
     target: str = "clean_pred"
     head: str = "noisy"
-    threshold: Any = 0.0       # a logit (reject iff head logit > threshold) or "auto"
-    pos_weight: float = 1.0    # BCE weight of the b = 1 (reject) terms
+    threshold: Any = "auto"    # a logit (reject iff head logit > threshold) or "auto"
+    pos_weight: float = 0.5    # BCE weight of the b = 1 (reject) terms
     correct_weight: float = 1.0  # BCE weight of b = 0 terms whose noisy prediction is right
     focal_gamma: float = 0.0   # > 0: focal loss (1 - p_t)^gamma * BCE
     selection: ThresholdSelection = field(default_factory=ThresholdSelection)

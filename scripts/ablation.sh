@@ -10,8 +10,9 @@ OUT=${OUT:-outputs/demo}
 SIGMA=${SIGMA:-0.25}
 REJ_EPOCHS=${REJ_EPOCHS:-4}
 REJ_T=${REJ_T:-2}
-# name: the rejector's training options (rejector.pos_weight, correct_weight, focal_gamma)
-VARIANTS=${VARIANTS:-"bce: pos0.5:rejector.pos_weight=0.5 correct3:rejector.correct_weight=3 focal2:rejector.focal_gamma=2"}
+# name:overrides (comma-separated) of the rejector's loss; each is certified at threshold 0 and auto
+VARIANTS=${VARIANTS:-"bce:rejector.pos_weight=1 pos0.5:rejector.pos_weight=0.5 \
+correct3:rejector.pos_weight=1,rejector.correct_weight=3 focal2:rejector.pos_weight=1,rejector.focal_gamma=2"}
 
 s=$("$PY" -c "print(f'{float($SIGMA):.2f}')")
 ROOT="$OUT/pretrained_models"
@@ -34,7 +35,7 @@ step "denoised smoothing (sigma=$SIGMA)"
 "$PY" certify.py system=denoised "${cert[@]}" "hydra.run.dir=$AB/runs/certify_denoised"
 
 for v in $VARIANTS; do
-  name=${v%%:*}; opts=${v#*:}
+  name=${v%%:*}; opts=${v#*:}; opts=${opts//,/ }
   step "rejector $name ($opts), threshold=auto"
   "$PY" train.py "${common[@]}" optim=adam "optim.epochs=$REJ_EPOCHS" "T=$REJ_T" \
       rejector.threshold=auto $opts "hydra.run.dir=$AB/runs/rejector_$name"

@@ -31,13 +31,13 @@ step "2/4 denoiser D (MSE)"
 "$PY" train.py stage=denoiser "${common[@]}" "optim.epochs=$DEN_EPOCHS" \
     "hydra.run.dir=$OUT/runs/denoiser"
 
-step "3/4 rejector heads (T=$REJ_T)"
-"$PY" train.py "${common[@]}" optim=adam "optim.epochs=$REJ_EPOCHS" "T=$REJ_T" \
+step "3/4 rejector heads (T=$REJ_T; the threshold chosen for certification at N=$N)"
+"$PY" train.py "${common[@]}" optim=adam "optim.epochs=$REJ_EPOCHS" "T=$REJ_T" "certify.N=$N" \
     "hydra.run.dir=$OUT/runs/rejector"
 
 step "4/4 certification: $IMAGES test images, N=$N"
 cert=(experiment=demo "sigma=$SIGMA" "pretrained_root=$OUT/pretrained_models" "N=$N" N0=100
-      "max=$IMAGES" batch=100 images_per_step=2 channels_last=true "outdir=$OUT/results")
+      "max=$IMAGES" "outdir=$OUT/results")  # batch 100, NHWC: experiment=demo's certify node
 "$PY" certify.py system=rejection "rejector_ckpt=$OUT/runs/rejector/checkpoints/best.ckpt" \
     "${cert[@]}" "hydra.run.dir=$OUT/runs/certify_rejection"
 "$PY" certify.py system=denoised "${cert[@]}" "hydra.run.dir=$OUT/runs/certify_denoised"
