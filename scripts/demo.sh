@@ -5,7 +5,7 @@
 #   3. the rejector heads (the main job)
 #   4. certification of the three systems (rejection, denoised, plain) on the first IMAGES test
 #      images with N draws, then the comparison table and the curves.
-# Sizes are set for a 2-core machine (about 5 minutes); override with the variables below.
+# Sizes are set for a 2-core machine (about 9 minutes); override with the variables below.
 set -euo pipefail
 PY=${PY:-.venv/bin/python}
 OUT=${OUT:-outputs/demo}
