@@ -211,7 +211,8 @@ def log_certify_run(cfg: DictConfig, out: dict) -> str:
     from dsr_lightning.reports.wandb import log_certification
 
     link = out.get("wandb") or {}
-    kwargs = {"group": link["group"]} if link.get("group") else {}
+    # the rejector's group and tags (its sigma, T and denoiser), not certify.yaml's T
+    kwargs = {k: link[k] for k in ("group", "tags") if link.get(k)}
     logger = instantiate(cfg.logger.wandb, **kwargs)
     run = logger.experiment
     run.config.update({"certify": {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items()

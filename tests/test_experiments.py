@@ -192,6 +192,7 @@ def test_wandb_log_model_offline_and_certify_linked(tiny_pretrained, tiny_cfg, t
     crecs = wandb_records(cdir)
     crun = run_record(crecs)
     assert crun.run_group == train_run.run_group and crun.job_type == "certify"
+    assert list(crun.tags) == list(train_run.tags)  # the rejector's sigma, T and denoiser
     config = {u.key: u.value_json for r in crecs if r.WhichOneof("record_type") == "config"
               for u in r.config.update}
     assert json.loads(config["rejector_run_id"]) == train_run.run_id

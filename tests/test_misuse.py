@@ -292,18 +292,26 @@ def test_divergence_stops_training_and_names_its_source(tiny_pretrained, tiny_cf
 # --- tracebacks become one clear line -------------------------------------------------------------
 
 @pytest.mark.parametrize("content", [b"", os.urandom(3000), b"just text\n", "truncated"])
-def test_broken_rejector_checkpoint_is_one_error_line(tiny_pretrained, rejectors, tmp_path,
-                                                      content):
+def test_broken_rejector_checkpoint_is_one_clear_error(tiny_pretrained, rejectors, tmp_path,
+                                                       content):
     bad = tmp_path / "bad.ckpt"
     bad.write_bytes(rejectors[0].read_bytes()[:5000] if content == "truncated" else content)
+    with pytest.raises(CheckpointError, match=str(bad)):
+        certify_tiny(tiny_pretrained, bad, tmp_path, "system=rejection", f"outdir={tmp_path}/res")
+    assert not list((tmp_path / "res").glob("*.tsv*"))  # nothing written
+
+
+def test_broken_rejector_checkpoint_on_the_command_line(tiny_pretrained, tmp_path):
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(os.urandom(3000))
     r = subprocess.run(cli(tiny_pretrained, tmp_path / "run", "system=rejection",
                            f"rejector_ckpt={bad}", f"outdir={tmp_path / 'res'}"),
                        cwd=tiny_pretrained.cwd, env=env(), capture_output=True, text=True,
                        timeout=120)
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
     assert r.returncode == 2 and len(errors) == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
-    assert str(bad) in errors[0]
-    assert not list((tmp_path / "res").glob("*.tsv*"))  # nothing written
+    assert f"cannot read checkpoint {bad}: it is truncated or not a PyTorch checkpoint" in errors[0]
+    assert not list((tmp_path / "res").glob("*.tsv*"))
 
 
 def test_bad_values_and_files_are_one_error_with_nothing_written(tiny_pretrained, tmp_path):
