@@ -10,6 +10,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
@@ -136,10 +137,19 @@ class EpochTime(Callback):
                       on_step=False)
 
 
+def _instantiate(group: str, name: str, node: DictConfig, **kwargs):
+    """instantiate(node), a bad `_target_` or argument being one ConfigError naming the node."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as e:
+        first = str(e).strip().splitlines()[0]
+        raise ConfigError(f"{group}.{name}: cannot build {node.get('_target_')!r}: {first}") from e
+
+
 def _callbacks(cfg: DictConfig) -> list[Callback]:
     """Every node of the `callbacks` group with a `_target_`, instantiated, plus the epoch timer."""
     nodes = cfg.get("callbacks") or {}
-    out = [instantiate(node) for node in nodes.values()
+    out = [_instantiate("callbacks", name, node) for name, node in nodes.items()
            if isinstance(node, DictConfig) and "_target_" in node]
     return [*out, EpochTime()]
 
@@ -155,7 +165,7 @@ def _checkpoints(callbacks: list, monitor: str) -> tuple[ModelCheckpoint | None,
 def _loggers(cfg: DictConfig, resumed: dict | None) -> list:
     """The configured loggers; a run resumed in place continues its CSV and its W&B run."""
     loggers = []
-    for node in (cfg.get("logger") or {}).values():
+    for name, node in (cfg.get("logger") or {}).items():
         kwargs = {}
         target = str(node.get("_target_", ""))
         if resumed and resumed.get("in_place") and target == "dsr_lightning.loggers.CSVLogger":
@@ -163,7 +173,7 @@ def _loggers(cfg: DictConfig, resumed: dict | None) -> list:
         if resumed and target.endswith("WandbLogger") and resumed.get("wandb"):
             rec = resumed["wandb"]
             kwargs.update(id=rec["id"], group=rec.get("group") or node.get("group"))
-        loggers.append(instantiate(node, **kwargs))
+        loggers.append(_instantiate("logger", name, node, **kwargs))
     return loggers
 
 

@@ -141,6 +141,12 @@ def test_callbacks_group(tiny_cfg):
     assert [type(c).__name__ for c in _callbacks(tiny_cfg("callbacks=none"))] == ["EpochTime"]
 
 
+def test_a_bad_callback_is_one_clear_error(tiny_cfg):
+    with pytest.raises(ConfigError, match=r"callbacks.es: cannot build 'pytorch_lightning.callbacks"
+                                          r".EarlyStop'"):
+        _callbacks(tiny_cfg("+callbacks.es._target_=pytorch_lightning.callbacks.EarlyStop"))
+
+
 def test_trainer_callbacks_point_to_the_group(tiny_cfg):
     with pytest.raises(ConfigError, match="trainer.callbacks is not read: set callbacks through"):
         train(tiny_cfg("+trainer.callbacks=[]"))

@@ -51,8 +51,8 @@ def write_report(paths, out_dir, labels=None, radii=None, folders=()) -> dict:
           "images without a prediction" + ("; reject % = mean n_R/N." if "reject %" in table
                                            else "."), "", table,
           "## Files", ""]
-    md += [f"- **{lab}**: `{p}` ({_settings_line(load_settings(p))})"
-           for p, lab in zip(paths, frame["label"])]
+    md += [f"- **{lab}**: `{p}` ({_settings_line(st)})"
+           for p, st, lab in zip(paths, settings, frame["label"])]
     md += ["", "## Certified accuracy", "", f"![certified accuracy]({curve.name})", ""]
     sweep = {}
     if folders or len({st.get("sigma") for st in settings}) > 1:
