@@ -10,10 +10,12 @@ trap 'rm -rf "$TMP"' EXIT
 "$PY" -m build --wheel --no-isolation --outdir "$TMP/dist" "$REPO" > "$TMP/build.log" 2>&1 \
     || { tail -20 "$TMP/build.log"; exit 1; }
 WHL=$(ls "$TMP"/dist/*.whl)
+"$PY" -c "import sys, zipfile; print('\n'.join(zipfile.ZipFile(sys.argv[1]).namelist()))" "$WHL" \
+    > "$TMP/contents.txt"  # listed once: grep -q on a live pipe could break it
 for f in dsr_lightning/conf/train.yaml dsr_lightning/conf/certify/paper.yaml \
          dsr_lightning/conf/hydra/launcher/slurm.yaml dsr_lightning/py.typed \
          dsr_lightning/data/cifar10_subset/cifar10_subset.npz; do
-    "$PY" -m zipfile -l "$WHL" | grep -q " *$f " || { echo "wheel lacks $f"; exit 1; }
+    grep -qx "$f" "$TMP/contents.txt" || { echo "wheel lacks $f"; exit 1; }
 done
 "$PY" -m pip install -q --no-deps --target "$TMP/site" "$WHL"
 cd "$TMP"  # an empty folder: no checkout, no conf/ beside it
