@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from dsr_lightning.errors import CheckpointError, ConfigError
 from dsr_lightning.models import SmoothingSystem, build_arch, freeze, read_checkpoint
 from dsr_lightning.models.checkpoint import load_state_dict_strict
-from dsr_lightning.results import COLUMNS, ResultsFile
+from dsr_lightning.results import COLUMNS, FORMAT, ResultsFile
 from dsr_lightning.schema import check_certify
 from dsr_lightning.smoothing import NOISE_BLOCK, check_stages
 from dsr_lightning.tasks.certify import CertifyModule, FastBase, RowWriter
@@ -107,8 +107,6 @@ def build_system(cfg: DictConfig) -> tuple[SmoothingSystem, dict]:
 
 def settings_of(cfg: DictConfig, sources: dict, data: dict, device: str) -> dict:
     """The settings record of a results file (results.IDENTITY_KEYS and a description)."""
-    from dsr_lightning.results import FORMAT
-
     staged = cfg.mode == "staged"
     return {"format": FORMAT, "mode": cfg.mode, "system": cfg.system.name,
             "sigma": float(cfg.sigma), "N0": int(cfg.N0), "N": int(cfg.N),
@@ -127,16 +125,6 @@ def _weights(cfg: DictConfig) -> list[float] | None:
     return None if cfg.stage_weights is None else list(cfg.stage_weights)
 
 
-def _validate_staged(cfg: DictConfig) -> None:
-    try:
-        stages, _ = check_stages(list(cfg.stages or []), _weights(cfg))
-    except (ValueError, TypeError) as e:
-        raise ConfigError(str(e)) from e
-    if stages[-1] != cfg.N:
-        raise ConfigError(f"mode=staged: N={cfg.N} must equal the last of stages={list(stages)} "
-                          f"(N names the results file and its record): set N={stages[-1]}")
-
-
 def _device_type(trainer: pl.Trainer) -> str:
     try:
         return trainer.strategy.root_device.type
@@ -152,8 +140,6 @@ def certify(cfg: DictConfig) -> dict:
     """Certify the configured split; rows stream to cfg.outfile, written by this process alone.
     Returns the paths, the counts, the summary of the whole file and its Markdown table row."""
     check_certify(cfg)
-    if cfg.mode == "staged":
-        _validate_staged(cfg)
     results = ResultsFile(cfg.outfile, {}, COLUMNS[cfg.mode])
     main = _main_process()
     if main:

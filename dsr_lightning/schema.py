@@ -20,6 +20,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import II, MISSING, DictConfig
 
 from dsr_lightning.errors import ConfigError
+from dsr_lightning.smoothing.staged import check_stages
 
 BOUNDS = ("paper", "runner_up", "cohen")
 SYSTEMS = ("rejection", "denoised", "plain")
@@ -129,41 +130,36 @@ class SystemConfig:
 
 
 @dataclass
-class TrainConfig:
+class CommonConfig:
+    """The keys train.yaml and certify.yaml share."""
     sigma: float = 0.25
     T: int = 20
     seed: int = 0
     pretrained_root: str = "pretrained_models"
     run_name: str = MISSING
-    ckpt_path: str | None = None
-    overwrite: bool = False
     data: dict[str, Any] = MISSING
     classifier: ClassifierConfig = MISSING
     denoiser: DenoiserConfig = MISSING
-    rejector: RejectorConfig = MISSING
-    optim: OptimConfig = MISSING
     trainer: dict[str, Any] = MISSING
     logger: dict[str, Any] = field(default_factory=dict)
-    callbacks: dict[str, Any] = field(default_factory=dict)
-    stage: StageConfig = MISSING
     certify: CertifySettings = field(default_factory=CertifySettings)
 
 
 @dataclass
-class CertifyConfig:
-    sigma: float = 0.25
-    seed: int = 0
-    T: int = 1
-    pretrained_root: str = "pretrained_models"
+class TrainConfig(CommonConfig):
+    ckpt_path: str | None = None
+    overwrite: bool = False
+    rejector: RejectorConfig = MISSING
+    optim: OptimConfig = MISSING
+    callbacks: dict[str, Any] = field(default_factory=dict)
+    stage: StageConfig = MISSING
+
+
+@dataclass
+class CertifyConfig(CommonConfig):
+    T: int = 1  # (training only: the data modules read it)
     rejector_ckpt: str | None = None
-    run_name: str = MISSING
-    data: dict[str, Any] = MISSING
-    classifier: ClassifierConfig = MISSING
-    denoiser: DenoiserConfig = MISSING
     system: SystemConfig = MISSING
-    trainer: dict[str, Any] = MISSING
-    logger: dict[str, Any] = field(default_factory=dict)
-    certify: CertifySettings = field(default_factory=CertifySettings)
     # certify.py's own keys: the `certify` node's values unless set here (N=..., alpha=...)
     N0: int = II("certify.N0")
     N: int = II("certify.N")
@@ -290,6 +286,15 @@ def check_certify_settings(c, prefix: str = "") -> None:
             raise ConfigError(f"{prefix}mode=staged certifies at one target radius: set "
                               f"{prefix}radius=<r> (L2, pixel units of [0,1] images, like sigma)")
         _real(f"{prefix}radius", c.radius, low=0)
+        weights = None if c.stage_weights is None else list(c.stage_weights)
+        try:
+            stages, _ = check_stages(list(c.stages or []), weights)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(str(e)) from e
+        if stages[-1] != n:
+            raise ConfigError(f"{prefix}mode=staged: {prefix}N={n} must equal the last of "
+                              f"{prefix}stages={list(stages)} (N names the results file and its "
+                              f"record): set {prefix}N={stages[-1]}")
 
 
 def check_train(cfg: DictConfig) -> None:
@@ -307,9 +312,8 @@ def check_train(cfg: DictConfig) -> None:
         _choice("stage.objective", cfg.stage.objective, OBJECTIVES)
     if stage == "rejector":
         check_rejector(cfg.rejector)
-    for k in ("batch_size",):
-        if k in cfg.data:
-            _int(f"data.{k}", cfg.data[k])
+    if "batch_size" in cfg.data:
+        _int("data.batch_size", cfg.data.batch_size)
     if cfg.certify.systems:
         for s in cfg.certify.systems:
             _choice("certify.systems[...]", s, ("rejection", "denoised"))

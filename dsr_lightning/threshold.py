@@ -154,7 +154,8 @@ def finish_rejector(cfg, result: dict) -> dict:
         return {}
     from dsr_lightning.models import read_checkpoint
 
-    choice = read_checkpoint(path, weights_only=False).get("dsr_threshold") or {}
+    # mapped, not read: only its small dsr_threshold entry is wanted
+    choice = read_checkpoint(path, weights_only=False, mmap=True).get("dsr_threshold") or {}
     if "value" not in choice:
         return {}
     note = (f"auto: {choice['objective']} {choice['score']:.4f} on {choice['images']} validation "

@@ -97,7 +97,7 @@ def _export(task, cfg: DictConfig, best: str | None, path: Path) -> None:
                     config=to_dict(cfg), **extra)
 
 
-def _log_roc(curve: tuple[torch.Tensor, torch.Tensor], trainer: pl.Trainer, out: Path) -> Path:
+def _log_roc(curve: tuple[torch.Tensor, torch.Tensor], wandb_runs: list, out: Path) -> Path:
     """The rejector's validation ROC (fpr, tpr): a PNG beside the run, a curve in the W&B run."""
     fpr, tpr = (t.cpu().numpy() for t in curve)
     from matplotlib.figure import Figure
@@ -111,7 +111,7 @@ def _log_roc(curve: tuple[torch.Tensor, torch.Tensor], trainer: pl.Trainer, out:
     ax.legend(loc="lower right")
     png = out / "roc.png"
     fig.savefig(png, dpi=120, bbox_inches="tight")
-    for run in _wandb_runs(trainer):
+    for run in wandb_runs:
         import wandb
 
         table = wandb.Table(data=[[float(a), float(b)] for a, b in zip(fpr, tpr)],
@@ -119,10 +119,6 @@ def _log_roc(curve: tuple[torch.Tensor, torch.Tensor], trainer: pl.Trainer, out:
         run.log({"val/roc": wandb.plot.line(table, "fpr", "tpr", title="Rejector ROC"),
                  "val/roc_png": wandb.Image(str(png))})
     return png
-
-
-def _wandb_runs(trainer: pl.Trainer) -> list:
-    return [lg.experiment for lg in trainer.loggers if isinstance(lg, pl.loggers.WandbLogger)]
 
 
 class EpochTime(Callback):
@@ -225,7 +221,7 @@ def train(cfg: DictConfig) -> dict:
             wandb_runs = [wandb_logger.experiment]
             task.wandb_record = wandb_run_record(wandb_logger)  # the checkpoints keep the run's id
         trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-        result = _finish(cfg, task, trainer, best_cb, last_cb, export, out)
+        result = _finish(cfg, task, trainer, best_cb, last_cb, export, out, wandb_runs)
         ok = True
         return result
     finally:
@@ -233,7 +229,7 @@ def train(cfg: DictConfig) -> dict:
             run.finish(exit_code=0 if ok else 1)
 
 
-def _finish(cfg, task, trainer, best_cb, last_cb, export, out: Path) -> dict:
+def _finish(cfg, task, trainer, best_cb, last_cb, export, out: Path, wandb_runs: list) -> dict:
     monitor = cfg.stage.monitor
     best = best_cb.best_model_path if best_cb is not None else ""
     score = best_cb.best_model_score if best_cb is not None else None
@@ -252,13 +248,13 @@ def _finish(cfg, task, trainer, best_cb, last_cb, export, out: Path) -> dict:
         _export(task, cfg, best, export)
         result["export"] = str(export)
     if isinstance(task, RejectorTask):
-        result["roc"] = _log_roc(roc, trainer, out) if roc is not None else None
+        result["roc"] = _log_roc(roc, wandb_runs, out) if roc is not None else None
         result.update(finish_rejector(cfg, result))
         if cfg.certify.systems:
             from dsr_lightning.certification import certify_after_fit
 
             result["certification"] = certify_after_fit(cfg, result["best"] or result["last"],
-                                                        out / "results", _wandb_runs(trainer))
+                                                        out / "results", wandb_runs)
     cert = result.get("certification", {}).get("rejection")
     result["objective"] = cert["acr"] if cert else result["best_score"]
     return result

@@ -143,6 +143,8 @@ def test_resume_with_other_settings_is_refused(tiny_pretrained, rejectors, tiny_
 
 def test_resume_from_a_bad_checkpoint(tiny_pretrained, rejectors, tiny_cfg, tmp_path):
     good = rejectors[0]
+    with pytest.raises(ConfigError, match="ckpt_path=.*nope.ckpt: no such file"):
+        train(tiny_cfg(tiny_pretrained.override, f"ckpt_path={tmp_path / 'nope.ckpt'}"))
     truncated = tmp_path / "t.ckpt"
     truncated.write_bytes(good.read_bytes()[:1000])
     with pytest.raises(CheckpointError, match="truncated or not a PyTorch checkpoint"):

@@ -99,11 +99,38 @@ def test_wrong_types_are_refused_when_composing(override, key):
     ("classifier.noise_sd=-1", "classifier.noise_sd=-1.0: must be a finite number >= 0"),
     ("rejector.threshold=maybe", "rejector.threshold=maybe"),
     ("certify=quick certify.N0=200", "certify.N0=200 > certify.N=100"),
+    ("certify=quick certify.max=-2", "certify.max=-2: must be an integer >= 0"),
+    ("certify=quick certify.systems=[plain]", "certify.systems[...]='plain': choose one of"),
+    ("certify=quick certify.mode=predict", "certify.mode=predict: the training job certifies"),
+    ("rejector.pos_weight=-1", "rejector.pos_weight=-1.0: must be a finite number > 0"),
+    ("rejector.focal_gamma=-1", "rejector.focal_gamma=-1.0: must be a finite number >= 0"),
+    ("rejector.selection.images=0", "rejector.selection.images=0: must be an integer >= 1"),
+    ("rejector.selection.objective=auc", "rejector.selection.objective='auc': choose one of"),
 ])
 def test_impossible_values_are_refused_before_anything_is_built(override, message):
     cfg = compose("train", ["experiment=tiny", *override.split()])
     with pytest.raises(ConfigError, match=re.escape(message)):
         check_train(cfg)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("threshold=nan", "threshold=nan: must be a finite number"),
+    ("mode=staged", "mode=staged certifies at one target radius"),
+    ("mode=staged radius=0.5 stages=[100,1000]", "N=10000 must equal the last of stages=[100, 1000]"),
+    ("mode=staged radius=0.5 stages=[100,50] N=50 N0=10", "stages must be strictly increasing"),
+    ("system=plain bound=paper", "bound=paper needs a reject class"),
+])
+def test_impossible_certify_values(override, message):
+    from dsr_lightning.schema import check_certify
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        check_certify(compose("certify", override.split()))
+
+
+@pytest.mark.parametrize("override", ["threshold=abc", "wait=maybe", "compile=2x"])
+def test_certify_types_are_refused_when_composing(override):
+    with pytest.raises(ConfigCompositionException):
+        compose("certify", [override])
 
 
 def test_denoiser_stage_needs_a_positive_sigma():
