@@ -139,9 +139,9 @@ def main():
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     if a.rejector_ckpt:
-        from dsr_lightning.certification import load_rejection_system
+        from dsr_lightning.jobs.run_checkpoint import RunCheckpoint
 
-        system, _ = load_rejection_system(a.rejector_ckpt)
+        system = RunCheckpoint.read(a.rejector_ckpt).rejection_system()
         a.system = a.rejector_ckpt
     else:
         system = build_system(a.system)

@@ -5,7 +5,7 @@ works from any folder.
 
 Every job ends by saying how it went. A user error (bad config value, missing or broken file) is
 one `error:` line on stderr and exit status 2, with nothing written; inside a sweep it fails that
-job alone (dsr_lightning.sweeps) and the sweep goes on.
+job alone (dsr_lightning.jobs.sweeps) and the sweep goes on.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ def run_job(fn: Callable[[DictConfig], dict], cfg: DictConfig,
             report: Callable[[dict], None]) -> float | None:
     """fn(cfg), then report(result) on the main process; returns the job's objective (what a
     Hydra sweeper optimises). Errors: see the module docstring."""
-    from dsr_lightning import sweeps
     from dsr_lightning.errors import USER_ERRORS
+    from dsr_lightning.jobs import sweeps
 
     multirun = is_multirun()
     if multirun:
@@ -78,13 +78,13 @@ def report_certify(result: dict) -> None:
 
 
 def _train(cfg: DictConfig) -> float | None:
-    from dsr_lightning.training import train
+    from dsr_lightning.jobs.training import train
 
     return run_job(train, cfg, report_train)
 
 
 def _certify(cfg: DictConfig) -> float | None:
-    from dsr_lightning.certification import certify
+    from dsr_lightning.jobs.certification import certify
 
     return run_job(certify, cfg, report_certify)
 
@@ -100,21 +100,34 @@ def report_main(argv: list[str] | None = None) -> int:
     return main(argv)
 
 
-COMMANDS = {"train": train_main, "certify": certify_main, "report": report_main}
+def threshold_main(argv: list[str] | None = None) -> int:
+    from dsr_lightning.jobs.threshold import main
+
+    return main(argv)
+
+
+COMMANDS = {"train": train_main, "certify": certify_main, "report": report_main,
+            "threshold": threshold_main}
+USAGE = """usage: python -m dsr_lightning {train,certify,report,threshold} [overrides or arguments]
+  train      train a stage (Hydra overrides: denoiser=dncnn sigma=0.5 ...)
+  certify    certify a data split (system=rejection rejector_ckpt=... ...)
+  report     tables and figures from results files or folders
+  threshold  how certification moves with the rejector's threshold (a rejector checkpoint)
+Each command takes --help."""
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m dsr_lightning {train,certify,report} ...`."""
+    """`python -m dsr_lightning {train,certify,report,threshold} ...`."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
     if not argv or argv[0] not in COMMANDS:
-        print("usage: python -m dsr_lightning {train,certify,report} [overrides or arguments]\n"
-              "  train    train a stage (Hydra overrides: denoiser=dncnn sigma=0.5 ...)\n"
-              "  certify  certify a data split (system=rejection rejector_ckpt=... ...)\n"
-              "  report   tables and figures from results files or folders", file=sys.stderr)
+        print(USAGE, file=sys.stderr)
         return 2
     cmd, rest = argv[0], argv[1:]
-    if cmd == "report":
-        return report_main(rest)
+    if cmd in ("report", "threshold"):
+        return COMMANDS[cmd](rest)
     sys.argv = [f"dsr-{cmd}", *rest]  # Hydra reads its overrides from sys.argv
     COMMANDS[cmd]()
     return 0

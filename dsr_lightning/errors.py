@@ -1,11 +1,19 @@
-"""The errors a user can cause by input (config, files): entry points print them in one line."""
-
-from dsr_lightning.data.base import DataError
-from dsr_lightning.models.checkpoint import CheckpointError
+"""Every error a user can cause by input (a config value, a file, an argument). Entry points print
+one of these as one `error:` line and exit with status 2. This module imports nothing of the
+package, so every layer can raise them."""
 
 
 class ConfigError(ValueError):
-    """A configuration that cannot work; the message says what to change."""
+    """A configuration that cannot work; the message names the key and says what to change."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit its architecture; the message names the
+    file and, for mismatches, the keys."""
+
+
+class DataError(ValueError):
+    """A data set file that is missing, unreadable or malformed; the message names the file."""
 
 
 class ResultsError(ValueError):

@@ -6,9 +6,10 @@ their analysis code reads it; counts and bounds follow. Beside it, `<file>.json`
 settings it was written under.
 
 What a results file guarantees (docs/DESIGN.md §8):
-- **One writer.** A writer holds an exclusive lock (`<file>.lock`, flock) for its whole run; a
-  second process is refused at once, or waits (`wait=true`). The settings are checked again under
-  the lock, when the file is opened for writing. A killed writer's lock is released by the OS.
+- **One writer.** A writer holds an exclusive flock on the results file itself for its whole run
+  (WriterLock); a second process is refused at once, or waits (`wait=true`). The settings are
+  checked again under the lock, when the file is opened for writing. A killed writer's lock is
+  released by the OS, and no leftover file can be deleted to let a second writer in.
 - **Identity by content.** The record holds every setting that changes the numbers
   (IDENTITY_KEYS): the statistics, the noise, the device type, the data set's content fingerprint
   and split, and the sha256 of every checkpoint (classifier, denoiser, rejector). A file is only
@@ -154,31 +155,48 @@ def read_table(path: str | Path) -> pd.DataFrame:
 
 
 def fmt(v) -> str:
+    """A cell as written. Floats are written exactly (the shortest text that reads back as the
+    same float): a certified radius is never rounded up (0.49999951 is not written as 0.5)."""
     if isinstance(v, float | np.floating):
-        return "nan" if np.isnan(v) else f"{v:.6g}"
+        return "nan" if np.isnan(v) else repr(float(v))
     return str(int(v)) if isinstance(v, np.integer | bool) else str(v)
 
 
+def jsonable(value):
+    """A settings value as the record stores it, in standard JSON: a non-finite float becomes
+    the text 'inf', '-inf' or 'nan' (JSON has no such numbers), tuples become lists."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [jsonable(v) for v in value]
+    if isinstance(value, float | np.floating) and not np.isfinite(value):
+        return "nan" if np.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.floating):
+        return float(value)
+    return value
+
+
 def _identity_diff(old: dict, new: dict) -> list[str]:
+    old, new = jsonable(old), jsonable(new)  # records of earlier releases may hold Infinity
     return [f"{k}: file {old.get(k)!r} vs now {new.get(k)!r}" for k in IDENTITY_KEYS
             if old.get(k) != new.get(k)]
 
 
-class ResultsFile:
-    """A results file and its settings record, written by one process at a time.
+class WriterLock:
+    """The one-writer rule of a results file: an exclusive flock on the results file itself, held
+    for the writer's whole run (the file is created empty if need be: an empty file is started
+    again, and one this lock created and left empty is removed on release). A killed writer's lock
+    is released by the OS; there is no lock file that could look stale, or be deleted to let a
+    second writer in. `<file>.writer` says who holds it, for the message only."""
 
-    `lock()` takes the file (refusing, or waiting, if another process has it); `check()` reads the
-    existing file under the identity rules and returns the indices done; `open()` creates it (the
-    record first) or repairs a torn tail; `append()` writes whole rows. Shards of a multi-device
-    run write `<file>.rank<r>` and the main process folds them in (`merge_parts`)."""
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.info = Path(f"{self.path}.writer")
+        self._fd: int | None = None
+        self._created = False
 
-    def __init__(self, path: str | Path, settings: dict, columns: list[str]):
-        self.path, self.settings, self.columns = Path(path), settings, columns
-        self.meta = settings_path(self.path)
-        self.lockfile = Path(f"{self.path}.lock")
-        self._lock_fd: int | None = None
-
-    # -- ownership ---------------------------------------------------------------------------
     def prepare(self) -> None:
         """Create the folder and make sure it is writable, before any work is done."""
         try:
@@ -190,24 +208,31 @@ class ResultsFile:
             raise ResultsError(f"cannot write the results file {self.path}: "
                                f"{e.strerror or e} ({e.filename or self.path.parent}); choose "
                                "another outdir=... or outfile=...") from None
+        if self.path.is_dir():
+            raise ResultsError(f"{self.path} is a folder, not a results file: choose another "
+                               "outfile=...")
 
-    def lock(self, wait: bool = False, poll: float = 0.5) -> None:
+    def acquire(self, wait: bool = False, poll: float = 0.5) -> WriterLock:
         """Take the file for this process (held until release() or exit). Another holder: raise
-        ResultsError, or with `wait` block until it is done. The lock file is removed on release;
-        a process that locked a file just removed tries again on the new one."""
+        ResultsError, or with `wait` block until it is done."""
         self.prepare()
+        self._created = not self.path.exists()
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         said = False
         while True:
-            fd = os.open(self.lockfile, os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
             except OSError as e:
                 if e.errno not in (errno.EAGAIN, errno.EACCES):
                     os.close(fd)
-                    raise ResultsError(f"cannot lock {self.lockfile}: {e.strerror}") from None
-                holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
-                os.close(fd)
+                    raise ResultsError(f"cannot lock {self.path}: {e.strerror}") from None
+                try:
+                    holder = self.info.read_text().strip() or "another process"
+                except OSError:
+                    holder = "another process"
                 if not wait:
+                    os.close(fd)
                     raise ResultsError(f"{self.path} is being written by {holder}: one writer at "
                                        "a time. Wait for it (or pass wait=true to wait here), or "
                                        "choose another outfile=...") from None
@@ -215,24 +240,40 @@ class ResultsFile:
                     print(f"waiting for {holder} to finish {self.path} ...", flush=True)
                     said = True
                 time.sleep(poll)
-                continue
-            try:  # the holder before us may have removed the file we locked: then again
-                same = os.fstat(fd).st_ino == os.stat(self.lockfile).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                break
-            os.close(fd)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode(), 0)
-        self._lock_fd = fd
+        self._fd = fd
+        with suppress(OSError):
+            self.info.write_text(f"pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        return self
 
     def release(self) -> None:
-        if self._lock_fd is not None:
-            with suppress(OSError):
-                self.lockfile.unlink()  # while still holding it: see lock()
-            os.close(self._lock_fd)  # closing the descriptor releases the flock
-            self._lock_fd = None
+        if self._fd is None:
+            return
+        with suppress(OSError):
+            self.info.unlink()
+        with suppress(OSError):  # created here and never written: leave nothing behind
+            if self._created and self.path.stat().st_size == 0 and not settings_path(self.path).exists():
+                self.path.unlink()
+        os.close(self._fd)  # closing the descriptor releases the flock
+        self._fd = None
+
+    def __enter__(self) -> WriterLock:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+class ResultsFile:
+    """A results file and its settings record (written by the holder of its WriterLock).
+
+    `check()` reads the existing file under the identity rules and returns the indices done;
+    `open()` creates it (the record first) or repairs a torn tail; `append()` writes whole rows.
+    Shards of a multi-device run write `<file>.rank<r>` and the main process folds them in
+    (`merge_parts`)."""
+
+    def __init__(self, path: str | Path, settings: dict, columns: list[str]):
+        self.path, self.settings, self.columns = Path(path), jsonable(settings), list(columns)
+        self.meta = settings_path(self.path)
 
     # -- reading -----------------------------------------------------------------------------
     def check(self) -> set[int]:
@@ -256,7 +297,7 @@ class ResultsFile:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if not self.path.exists() or self.path.stat().st_size == 0:
             tmp = Path(f"{self.meta}.tmp{os.getpid()}")
-            tmp.write_text(json.dumps(self.settings, indent=2, default=str) + "\n")
+            tmp.write_text(json.dumps(self.settings, indent=2, default=str, allow_nan=False) + "\n")
             os.replace(tmp, self.meta)  # a file is never without its (whole) settings
             with open(self.path, "w") as f:
                 f.write("\t".join(self.columns) + "\n")

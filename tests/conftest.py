@@ -64,7 +64,7 @@ def tiny_pretrained(tmp_path_factory) -> SimpleNamespace:
     published layout under `root` = <cwd>/outputs/tiny/pretrained_models, i.e. where
     experiment=tiny looks when run from `cwd`. Fields: cwd, root, override ('pretrained_root=...'),
     classifier (path), denoisers ({σ: path})."""
-    from dsr_lightning.training import train
+    from dsr_lightning.jobs.training import train
 
     base = tmp_path_factory.mktemp("tiny")
     root = base / "outputs" / "tiny" / "pretrained_models"

@@ -21,8 +21,8 @@ from conftest import REPO, compose_tiny
 from hydra.core.hydra_config import HydraConfig
 from scipy.stats import binomtest, norm
 
-from dsr_lightning.certification import certify
 from dsr_lightning.errors import ConfigError, ResultsError
+from dsr_lightning.jobs.certification import certify
 from dsr_lightning.results import CERTIFY_COLUMNS, PREDICT_COLUMNS, REFERENCE_COLUMNS
 
 N0, N, MAX, SIGMA = 10, 50, 4, 0.25
@@ -79,7 +79,7 @@ def rows(path: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def rejector(tiny_pretrained, tmp_path_factory) -> Path:
     """A tiny rejector for σ = 0.25 trained on the session's tiny f and D (experiment=tiny)."""
-    from dsr_lightning.training import train
+    from dsr_lightning.jobs.training import train
 
     out = tmp_path_factory.mktemp("rejector")
     try:

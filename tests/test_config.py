@@ -12,8 +12,9 @@ from torch import nn
 
 from dsr_lightning.config import CONFIG_DIR, to_dict
 from dsr_lightning.data import SmoothingDataModule, SyntheticDataModule
+from dsr_lightning.jobs.networks import build_fresh
 from dsr_lightning.models import build_arch
-from dsr_lightning.tasks import build_fresh, phase_bounds
+from dsr_lightning.tasks import phase_bounds
 from dsr_lightning.tasks.rejector import HEADS, TARGETS
 
 

@@ -17,12 +17,12 @@ import pytest
 import torch
 from conftest import REPO
 
-from dsr_lightning.certification import sha256_of
 from dsr_lightning.config import compose
+from dsr_lightning.jobs.certification import sha256_of
+from dsr_lightning.jobs.training import train
 from dsr_lightning.reports import main as report_main
 from dsr_lightning.reports.sweep import find_results
 from dsr_lightning.results import CERTIFY_COLUMNS
-from dsr_lightning.training import train
 
 QUICK = ["certify=quick", "certify.N0=10", "certify.N=60", "certify.max=5", "certify.batch=64"]
 WANDB_ENV = {"WANDB_SILENT": "true", "WANDB_CONSOLE": "off"}

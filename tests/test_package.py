@@ -21,9 +21,9 @@ from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor, Mode
 
 from dsr_lightning.cli import main as cli_main
 from dsr_lightning.config import CONFIG_DIR, compose
+from dsr_lightning.config.schema import check_train
 from dsr_lightning.errors import ConfigError
-from dsr_lightning.schema import check_train
-from dsr_lightning.training import _callbacks, train
+from dsr_lightning.jobs.training import _callbacks, train
 
 ENV = {"OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0"}
 
@@ -121,7 +121,7 @@ def test_impossible_values_are_refused_before_anything_is_built(override, messag
     ("system=plain bound=paper", "bound=paper needs a reject class"),
 ])
 def test_impossible_certify_values(override, message):
-    from dsr_lightning.schema import check_certify
+    from dsr_lightning.config.schema import check_certify
 
     with pytest.raises(ConfigError, match=re.escape(message)):
         check_certify(compose("certify", override.split()))
@@ -203,7 +203,7 @@ class StepSpy(pl.Callback):
 def test_gradient_clipping_and_accumulation(tiny_pretrained, tiny_cfg, monkeypatch, accumulate):
     spy = StepSpy()
     real = _callbacks
-    monkeypatch.setattr("dsr_lightning.training._callbacks", lambda cfg: [*real(cfg), spy])
+    monkeypatch.setattr("dsr_lightning.jobs.training._callbacks", lambda cfg: [*real(cfg), spy])
     res = train(tiny_cfg(tiny_pretrained.override, "++trainer.gradient_clip_val=1e-3",
                          f"++trainer.accumulate_grad_batches={accumulate}",
                          "trainer.limit_train_batches=4"))
@@ -240,7 +240,7 @@ def test_resume_in_place_keeps_the_best_score(tiny_pretrained, tmp_path, monkeyp
     assert Path(first["output_dir"]) == run
 
     real = _callbacks
-    monkeypatch.setattr("dsr_lightning.training._callbacks", lambda cfg: [*real(cfg), WorseLater()])
+    monkeypatch.setattr("dsr_lightning.jobs.training._callbacks", lambda cfg: [*real(cfg), WorseLater()])
     ckpt = run / "checkpoints" / "last.ckpt"
     cfg = compose_run(tiny_pretrained, None, ["optim.epochs=2", "optim.phases.0.epochs=2",
                                               f"ckpt_path={ckpt}"])

@@ -14,9 +14,10 @@ from conftest import compose_tiny
 from hydra.core.hydra_config import HydraConfig
 from test_certify import certify_tiny
 
-from dsr_lightning.threshold import candidates, choose_threshold, estimate
-from dsr_lightning.threshold import main as threshold_main
-from dsr_lightning.training import train
+from dsr_lightning.jobs.threshold import main as threshold_main
+from dsr_lightning.jobs.training import train
+from dsr_lightning.results import jsonable
+from dsr_lightning.smoothing.threshold import candidates, choose_threshold, estimate
 
 
 def known_problem(seed=0, images=60, n=100, right=0.7):
@@ -90,8 +91,10 @@ def test_every_checkpoint_carries_its_threshold_and_certify_uses_it(auto_runs, t
     assert res["threshold"] == chosen["value"]
     args = ["system=rejection", "N0=10", "N=50", "max=2", f"outdir={tmp_path}"]
     out = certify_tiny(tiny_pretrained, Path(res["best"]), tmp_path, *args)
-    rec = json.loads(Path(out["settings"]).read_text())
-    assert rec["threshold"] == chosen["value"] and rec["run"]["threshold_choice"] == chosen
+    # standard JSON (no Infinity or NaN constants): a never-rejecting threshold is the text 'inf'
+    rec = json.loads(Path(out["settings"]).read_text(), parse_constant=pytest.fail)
+    assert float(rec["threshold"]) == chosen["value"]
+    assert rec["run"]["threshold_choice"] == jsonable(chosen)
     forced = certify_tiny(tiny_pretrained, Path(res["best"]), tmp_path, *args, "threshold=-5")
     assert "_t-5_" in Path(forced["outfile"]).name  # its own file: another f_R
     assert json.loads(Path(forced["settings"]).read_text())["threshold"] == -5

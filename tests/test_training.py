@@ -20,9 +20,10 @@ from omegaconf import OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader
 
+from dsr_lightning.errors import ConfigError
+from dsr_lightning.jobs.training import build_task, train
 from dsr_lightning.models import Rejector, build_arch, load_checkpoint
-from dsr_lightning.tasks import ConfigError, RejectorTask
-from dsr_lightning.training import build_task, train
+from dsr_lightning.tasks import RejectorTask
 
 REPO = Path(__file__).resolve().parent.parent
 SUBPROCESS_ENV = {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}  # see conftest.py
@@ -442,7 +443,7 @@ def test_denoiser_sigma_mismatch_is_refused(tiny_pretrained, tiny_cfg):
 
 def test_legacy_format_denoiser_loads_and_sigma_is_checked(tiny_pretrained, tmp_path):
     # published files of the time may use torch's legacy (pre-zip) format, which cannot be mmapped
-    from dsr_lightning.tasks import load_frozen
+    from dsr_lightning.jobs.networks import load_frozen
 
     ckpt = torch.load(tiny_pretrained.denoisers[0.25], map_location="cpu", weights_only=True)
     legacy = tmp_path / "noise_0.25" / "checkpoint.pth.tar"

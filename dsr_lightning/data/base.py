@@ -15,10 +15,6 @@ CIFAR10_CLASSES = [
 SPLITS = ("train", "val", "test")
 
 
-class DataError(ValueError):
-    """A data set file is missing, unreadable or malformed; the message names the file."""
-
-
 class TransformedSubset(Dataset):
     """Item i = `source[indices[i]]` (or `source[i]` if indices is None), image transformed.
 

@@ -19,6 +19,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from dsr_lightning.errors import CheckpointError
+
 from .dncnn import DnCNN
 from .memnet import MemNet
 from .normalize import CIFAR10_MEAN, CIFAR10_STD, Classifier
@@ -29,11 +31,6 @@ from .system import freeze
 _RESNET = re.compile(r"cifar_resnet(\d+)")
 _WRAPPERS = ("module", "_orig_mod")  # DataParallel / DDP and torch.compile prefixes
 _SHOW = 5  # how many keys of each kind an error message lists
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read or does not fit its architecture; the message names the
-    file and, for mismatches, the keys."""
 
 
 def _cifar_resnet(depth: int) -> Callable[..., nn.Module]:

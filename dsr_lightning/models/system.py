@@ -5,6 +5,10 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+# The systems certified: rejection (f, D and the heads), denoised (f and D: Salman et al.), plain
+# (f alone: Cohen et al.)
+SYSTEMS = ("rejection", "denoised", "plain")
+
 
 def freeze(module: nn.Module) -> nn.Module:
     """Eval mode and requires_grad False on every parameter; returns the module."""
@@ -40,10 +44,6 @@ class SmoothingSystem(nn.Module):
         self.classifier.eval()
         if denoiser is not None:
             denoiser.eval()
-
-    @property
-    def reject_label(self) -> int:
-        return self.num_classes
 
     def train(self, mode: bool = True) -> SmoothingSystem:
         self.training = mode

@@ -7,7 +7,7 @@ from .plots import (
     plot_count_histogram,
 )
 from .report import log_to_wandb, main, write_report
-from .results import (
+from .tables import (
     REQUIRED_COLUMNS,
     abstain_rate,
     average_certified_radius,

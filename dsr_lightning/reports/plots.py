@@ -11,7 +11,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 
-from .results import certified_accuracy, load_results, load_settings, resolve_labels
+from .tables import certified_accuracy, load_results, load_settings, resolve_labels
 
 
 def _save(fig: Figure, out_png) -> Path:

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from .plots import plot_certified_accuracy, plot_count_histogram
-from .results import file_label, load_results, load_settings, markdown_table, summary_frame
+from .tables import file_label, load_results, load_settings, markdown_table, summary_frame
 
 _SETTING_KEYS = (("system", "system"), ("sigma", "σ"), ("N0", "N0"), ("N", "N"),
                  ("alpha", "α"), ("bound", "bound"), ("classifier", "classifier"),

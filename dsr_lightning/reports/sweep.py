@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 from dsr_lightning.results import REQUIRED_COLUMNS
 
 from .plots import certified_accuracy_curve
-from .results import certified_accuracy, load_settings
+from .tables import certified_accuracy, load_settings
 
 SKIP_SUFFIXES = (".json", ".lock", ".ckpt", ".png", ".md", ".yaml", ".log", ".csv", ".pth", ".tar",
                  ".npz", ".txt", ".pt")

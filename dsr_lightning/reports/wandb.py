@@ -10,7 +10,7 @@ from pathlib import Path
 from dsr_lightning.results import read_table
 
 from .plots import certified_accuracy_curve
-from .results import abstain_rate, average_certified_radius, certified_accuracy
+from .tables import abstain_rate, average_certified_radius, certified_accuracy
 
 
 def certification_metrics(system: str, df, radii) -> dict[str, float]:

@@ -1,6 +1,6 @@
 """Statistics and Monte Carlo engine of the smoothed classifier with rejection (no Lightning)."""
 from .bounds import cp_lower, cp_upper
-from .certify import ABSTAIN, CertifyDetails, certify_counts, certify_details, predict_counts
+from .certificates import ABSTAIN, CertifyDetails, certify_counts, certify_details, predict_counts
 from .checks import (
     BOUNDS,
     check_alpha,
@@ -24,11 +24,12 @@ from .staged import (
     default_weights,
     staged_look,
 )
+from .threshold import choose_threshold, collect_draws
 
 __all__ = [
     "ABSTAIN", "BOUNDS", "Certificate", "CertifyDetails", "SmoothedClassifier", "certify_counts",
     "certify_details", "check_alpha", "check_bound", "check_counts", "check_positive",
     "check_positive_int", "cp_lower", "cp_upper", "predict_counts", "sample_counts",
     "ImageNoise", "NOISE_BLOCK", "StagedCertificate", "certify_staged", "check_images", "check_stages",
-    "default_weights", "staged_look",
+    "choose_threshold", "collect_draws", "default_weights", "staged_look",
 ]

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .certify import CertifyDetails, certify_details, predict_counts
+from .certificates import CertifyDetails, certify_details, predict_counts
 from .checks import check_alpha, check_bound, check_positive, check_positive_int
 
 Base = Callable[[torch.Tensor], torch.Tensor]

@@ -20,7 +20,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 
-from .certify import CertifyDetails, certify_details
+from .certificates import CertifyDetails, certify_details
 from .checks import check_alpha, check_bound, check_counts, check_positive, check_positive_int
 from .engine import Base, ImageNoise, _num_classes, sample_counts
 

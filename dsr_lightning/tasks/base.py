@@ -13,7 +13,9 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from dsr_lightning.errors import ConfigError, TrainingError
+from dsr_lightning.errors import TrainingError
+
+CLIP_ALGORITHMS = ("norm", "value")
 
 
 def phase_bounds(phases) -> list[int]:
@@ -77,14 +79,10 @@ class FrozenAwareModule(pl.LightningModule):
         """Gradient clipping (Lightning's `clip_gradients`, 'norm' unless said) and accumulation
         over `accumulate` batches: what trainer.gradient_clip_val / accumulate_grad_batches ask
         for, which Lightning itself refuses under manual optimisation."""
-        if clip_val is not None and (not isinstance(clip_val, int | float) or clip_val <= 0):
-            raise ConfigError(f"trainer.gradient_clip_val={clip_val}: must be a number > 0")
-        if clip_algorithm not in (None, "norm", "value"):
-            raise ConfigError(f"trainer.gradient_clip_algorithm={clip_algorithm!r}: choose norm "
-                              "or value")
-        if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1:
-            raise ConfigError(f"trainer.accumulate_grad_batches={accumulate}: must be an integer "
-                              ">= 1")
+        if clip_algorithm not in (None, *CLIP_ALGORITHMS) or int(accumulate) < 1 or \
+                (clip_val is not None and clip_val <= 0):  # the schema checks these first
+            raise ValueError(f"clip_val={clip_val}, clip_algorithm={clip_algorithm!r}, "
+                             f"accumulate={accumulate}: out of range")
         self.clip_val, self.clip_algorithm, self.accumulate = clip_val, clip_algorithm, accumulate
 
     def optimize(self, loss: torch.Tensor, batch_idx: int, parts: dict | None = None) -> None:

@@ -7,7 +7,6 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MeanMetric
 
-from dsr_lightning.errors import ConfigError
 from dsr_lightning.tasks.base import FrozenAwareModule
 
 OBJECTIVES = ("mse", "stab", "clf")
@@ -23,10 +22,9 @@ class DenoiserTask(FrozenAwareModule):
                  classifier: nn.Module | None = None, run_config: dict | None = None):
         super().__init__(optim, run_config)
         if objective not in OBJECTIVES:
-            raise ConfigError(f"stage.objective={objective!r}: choose one of "
-                              f"{', '.join(OBJECTIVES)}")
+            raise ValueError(f"objective={objective!r}: choose one of {', '.join(OBJECTIVES)}")
         if objective != "mse" and classifier is None:
-            raise ConfigError(f"stage.objective={objective} needs the classifier (classifier.path)")
+            raise ValueError(f"objective={objective} needs the frozen classifier")
         self.denoiser, self.classifier, self.objective = denoiser, classifier, objective
         self.val_mse, self.val_acc = MeanMetric(), MeanMetric()
 

@@ -13,9 +13,10 @@ from torchmetrics.classification import (
     BinaryROC,
 )
 
-from dsr_lightning.errors import ConfigError
-from dsr_lightning.schema import HEADS, TARGETS
 from dsr_lightning.tasks.base import FrozenAwareModule
+
+TARGETS = ("clean_pred", "label")  # b = 1[f(D(x+ε)) ≠ f(x)] (the paper), or ≠ y
+HEADS = ("noisy", "clean")         # the head trained: that of f(D(x+ε)) (what f_R consults), or f(x)
 
 
 class RejectorTask(FrozenAwareModule):
@@ -35,19 +36,15 @@ class RejectorTask(FrozenAwareModule):
     def __init__(self, classifier: nn.Module, denoiser: nn.Module | None, rejector: nn.Module,
                  optim, target: str = "clean_pred", head: str = "noisy", threshold: float = 0.0,
                  pos_weight: float = 1.0, correct_weight: float = 1.0, focal_gamma: float = 0.0,
-                 selection: dict | None = None, run_config: dict | None = None):
+                 run_config: dict | None = None):
         super().__init__(optim, run_config)
-        if target not in TARGETS:
-            raise ConfigError(f"rejector.target={target!r}: choose one of {', '.join(TARGETS)}")
-        if head not in HEADS:
-            raise ConfigError(f"rejector.head={head!r}: choose one of {', '.join(HEADS)}")
+        if target not in TARGETS or head not in HEADS:
+            raise ValueError(f"target={target!r} / head={head!r}: choose a target of {TARGETS} "
+                             f"and a head of {HEADS}")
         self.classifier, self.denoiser, self.rejector = classifier, denoiser, rejector
         self.target, self.head, self.threshold = target, head, float(threshold)
         self.pos_weight, self.correct_weight = float(pos_weight), float(correct_weight)
         self.focal_gamma = float(focal_gamma)
-        # threshold=auto: settings of threshold.select_for; every checkpoint gets the threshold
-        # chosen for its weights (then also used by the validation metrics)
-        self.selection, self._choice = selection, None
         self.val_metrics = MetricCollection({
             "precision": BinaryPrecision(), "recall": BinaryRecall(), "auroc": BinaryAUROC(),
         }, prefix="val/")
@@ -130,17 +127,6 @@ class RejectorTask(FrozenAwareModule):
         self.log("val/target_rate", self.val_target, on_epoch=True, batch_size=n)
         self.log("val/reject_rate_f_right", self.val_reject_right, on_epoch=True, batch_size=n)
         self.log("val/reject_rate_f_wrong", self.val_reject_wrong, on_epoch=True, batch_size=n)
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        super().on_save_checkpoint(checkpoint)
-        if self.selection is None or not self.trainer.is_global_zero:
-            return  # only the main process writes checkpoints
-        if self._choice is None or self._choice["global_step"] != self.global_step:
-            from dsr_lightning.threshold import select_for
-
-            self._choice = select_for(self, self.selection)  # once per step (best and last)
-            self.threshold = self._choice["value"]
-        checkpoint["dsr_threshold"] = self._choice
 
     def on_validation_epoch_start(self) -> None:
         self.val_roc.reset()  # keep only the latest epoch's curve

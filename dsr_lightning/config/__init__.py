@@ -1,5 +1,6 @@
-"""Config helpers shared by the entry points: the config tree (inside the package, found through
-Hydra's `pkg://` search path), the schema's registration, resolvers, composing in code."""
+"""The config layer: the Hydra tree's location (`dsr_lightning/conf`, inside the package, found
+through Hydra's `pkg://` search path), the schema (`config.schema`: types, and the only range and
+choice checks), resolvers, and composing in code. Only jobs read a composed config."""
 
 from __future__ import annotations
 
@@ -8,11 +9,11 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from dsr_lightning import schema
+from dsr_lightning.config import schema
 
 CONFIG_MODULE = "dsr_lightning.conf"
 CONFIG_PATH = f"pkg://{CONFIG_MODULE}"
-CONFIG_DIR = Path(__file__).resolve().parent / "conf"
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
 def fmt2(value) -> str:

@@ -1,4 +1,5 @@
-"""Frozen networks from config: load by path with errors that say how to get the file."""
+"""Networks from a config node: frozen ones loaded by path, with errors that say how to get the
+file, and fresh ones for the auxiliary stages."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 from torch import nn
 
 from dsr_lightning.errors import ConfigError
-from dsr_lightning.models import CheckpointError, build_arch, load_checkpoint, read_checkpoint
+from dsr_lightning.models import build_arch, load_checkpoint, read_checkpoint
 
 PUBLISHED = {
     "classifier": "the published ResNet-110 of Cohen et al. (github.com/locuslab/smoothing, "
@@ -68,5 +69,3 @@ def build_fresh(spec) -> nn.Module:
     """An untrained network of the config's arch (auxiliary stages)."""
     return build_arch(spec.arch, **dict(spec.get("arch_kwargs") or {}))
 
-
-__all__ = ["CheckpointError", "ConfigError", "build_fresh", "load_frozen", "sigma_of"]

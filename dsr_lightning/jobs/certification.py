@@ -10,17 +10,19 @@ import os
 from pathlib import Path
 
 import pytorch_lightning as pl
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from dsr_lightning.errors import CheckpointError, ConfigError
-from dsr_lightning.models import SmoothingSystem, build_arch, freeze, read_checkpoint
-from dsr_lightning.models.checkpoint import load_state_dict_strict
-from dsr_lightning.results import COLUMNS, FORMAT, ResultsFile
-from dsr_lightning.schema import check_certify
+import dsr_lightning
+from dsr_lightning.config.schema import check_certify
+from dsr_lightning.errors import ConfigError
+from dsr_lightning.jobs.networks import load_frozen
+from dsr_lightning.jobs.run_checkpoint import RunCheckpoint
+from dsr_lightning.models import SmoothingSystem
+from dsr_lightning.results import FORMAT, ResultsFile, WriterLock
 from dsr_lightning.smoothing import NOISE_BLOCK, check_stages
-from dsr_lightning.tasks.certify import CertifyModule, FastBase, RowWriter
-from dsr_lightning.tasks.networks import load_frozen
+from dsr_lightning.tasks import CertificationModule, CertificationSpec, RowWriter
 
 NOISE = f"image-blocks/{NOISE_BLOCK}/v1"  # the noise scheme: smoothing.ImageNoise, keyed by idx
 
@@ -33,47 +35,20 @@ def sha256_of(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def load_rejection_system(path: str | Path, sigma: float | None = None,
-                          threshold: float | None = None) -> tuple[SmoothingSystem, dict]:
-    """f_R rebuilt from a rejector checkpoint of train.py alone (it holds f, D and the heads, the
-    threshold and the resolved config); `threshold` replaces the checkpoint's. A σ other than the
-    one the rejector was trained for is refused; so are unreadable files, other stages'
-    checkpoints and non-finite weights."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"rejector checkpoint not found: {path}\n  Train one with "
-                          "`python train.py denoiser=... sigma=...` and pass "
-                          "rejector_ckpt=<run>/checkpoints/best.ckpt")
-    ckpt = read_checkpoint(path, weights_only=False)  # our own Lightning file
-    run = ckpt.get("dsr_config") if isinstance(ckpt, dict) else None
-    if not isinstance(run, dict) or run.get("stage", {}).get("name") != "rejector":
-        raise CheckpointError(f"{path} is not a rejector checkpoint of train.py (no rejector "
-                              "config); pass rejector_ckpt=<run>/checkpoints/best.ckpt of a "
-                              "rejector run")
-    if sigma is not None and abs(float(run["sigma"]) - float(sigma)) > 1e-9:
-        raise ConfigError(f"the rejector {path} was trained for sigma={run['sigma']:g}, but "
-                          f"sigma={float(sigma):g} was asked: certify with sigma={run['sigma']:g} "
-                          "or train a rejector for this sigma")
-    if threshold is None:
-        threshold = ckpt.get("dsr_threshold", {}).get("value", run["rejector"].get("threshold", 0.0))
-    if threshold == "auto":
-        raise CheckpointError(f"{path}: rejector.threshold=auto was never chosen for these weights "
-                              "(the run ended before the choice?); certify best.ckpt of a finished "
-                              "run, or pass a checkpoint trained with a numeric threshold")
-    clf = build_arch(run["classifier"]["arch"], **(run["classifier"].get("arch_kwargs") or {}))
-    den = build_arch(run["denoiser"]["arch"], **(run["denoiser"].get("arch_kwargs") or {}))
-    rej = instantiate(OmegaConf.create(run["rejector"]["net"]))(
-        num_classes=clf.num_classes, feature_channels=clf.feature_channels)
-    sd = ckpt.get("state_dict")
-    if not isinstance(sd, dict):
-        raise CheckpointError(f"{path}: no state_dict; not a checkpoint of train.py")
-    for name, net in (("classifier", clf), ("denoiser", den), ("rejector", rej)):
-        part = {k[len(name) + 1:]: v for k, v in sd.items() if k.startswith(name + ".")}
-        load_state_dict_strict(net, part, source=f"{path} ({name})")
-    system = SmoothingSystem(freeze(clf), freeze(den), freeze(rej), threshold=float(threshold))
-    run["_wandb"] = ckpt.get("dsr_wandb")
-    run["_threshold"] = ckpt.get("dsr_threshold")
-    return system, run
+def spec_of(cfg: DictConfig) -> CertificationSpec:
+    """The certification asked for by a (checked) certify.py config, built once."""
+    staged = cfg.mode == "staged"
+    stages, weights = (check_stages(list(cfg.stages), None if cfg.stage_weights is None
+                                    else list(cfg.stage_weights)) if staged else ((), ()))
+    return CertificationSpec(
+        mode=cfg.mode, sigma=float(cfg.sigma), N0=int(cfg.N0), N=int(cfg.N),
+        alpha=float(cfg.alpha), bound=cfg.bound, seed=int(cfg.seed), split=cfg.split,
+        skip=int(cfg.skip), max=int(cfg.max), batch=int(cfg.batch),
+        images_per_step=int(cfg.images_per_step), bf16=bool(cfg.bf16),
+        channels_last=bool(cfg.channels_last), compile=bool(cfg.compile),
+        allow_out_of_range=bool(cfg.get("allow_out_of_range", False)),
+        radius=float(cfg.radius) if staged else None, stages=tuple(int(s) for s in stages),
+        stage_weights=tuple(float(w) for w in weights))
 
 
 def build_system(cfg: DictConfig) -> tuple[SmoothingSystem, dict]:
@@ -84,16 +59,22 @@ def build_system(cfg: DictConfig) -> tuple[SmoothingSystem, dict]:
         if not cfg.get("rejector_ckpt"):
             raise ConfigError("system=rejection needs rejector_ckpt=<a rejector checkpoint of "
                               "train.py> (or choose system=denoised|plain)")
-        system, run = load_rejection_system(cfg.rejector_ckpt, cfg.sigma, cfg.get("threshold"))
-        path = Path(cfg.rejector_ckpt).resolve()
+        if not Path(cfg.rejector_ckpt).exists():
+            raise ConfigError(f"rejector checkpoint not found: {cfg.rejector_ckpt}\n  Train one "
+                              "with `python train.py denoiser=... sigma=...` and pass "
+                              "rejector_ckpt=<run>/checkpoints/best.ckpt")
+        ckpt = RunCheckpoint.read(cfg.rejector_ckpt)
+        system = ckpt.rejection_system(cfg.sigma, cfg.get("threshold"))
+        run = ckpt.config
         return system, {
             "classifier": run["classifier"]["path"], "denoiser": run["denoiser"]["path"],
-            "rejector": str(path), "classifier_sha256": None, "denoiser_sha256": None,
-            "rejector_sha256": sha256_of(path), "threshold": system.threshold,
+            "rejector": str(ckpt.path.resolve()), "classifier_sha256": None,
+            "denoiser_sha256": None, "rejector_sha256": sha256_of(ckpt.path),
+            "threshold": system.threshold,
             "run": {"classifier": run["classifier"]["name"], "denoiser": run["denoiser"]["name"],
                     "objective": run["denoiser"].get("objective"), "T": run["T"],
                     "head": run["rejector"]["head"], "target": run["rejector"]["target"],
-                    "threshold_choice": run["_threshold"], "wandb": run["_wandb"]}}
+                    "threshold_choice": ckpt.threshold_choice, "wandb": ckpt.wandb}}
     clf = load_frozen("classifier", cfg.classifier)
     den = load_frozen("denoiser", cfg.denoiser, sigma=cfg.sigma) if name == "denoised" else None
     return SmoothingSystem(clf, den), {
@@ -105,31 +86,39 @@ def build_system(cfg: DictConfig) -> tuple[SmoothingSystem, dict]:
                 "objective": cfg.denoiser.objective if den else None, "T": None}}
 
 
-def settings_of(cfg: DictConfig, sources: dict, data: dict, device: str) -> dict:
-    """The settings record of a results file (results.IDENTITY_KEYS and a description)."""
-    staged = cfg.mode == "staged"
-    return {"format": FORMAT, "mode": cfg.mode, "system": cfg.system.name,
-            "sigma": float(cfg.sigma), "N0": int(cfg.N0), "N": int(cfg.N),
-            "alpha": float(cfg.alpha), "bound": cfg.bound, "split": cfg.split,
-            "seed": int(cfg.seed), "noise": NOISE, "device": device, "bf16": bool(cfg.bf16),
-            "channels_last": bool(cfg.channels_last), "compile": bool(cfg.compile), "data": data,
-            **sources,
-            "skip": int(cfg.skip), "max": int(cfg.max), "batch": int(cfg.batch),
+def settings_of(spec: CertificationSpec, system: str, sources: dict, data: dict,
+                device: torch.device) -> dict:
+    """The settings record of a results file: results.IDENTITY_KEYS, then what else the numbers
+    depend on (the versions, the device model) and a description."""
+    staged = spec.mode == "staged"
+    return {"format": FORMAT, "mode": spec.mode, "system": system, "sigma": spec.sigma,
+            "N0": spec.N0, "N": spec.N, "alpha": spec.alpha, "bound": spec.bound,
+            "split": spec.split, "seed": spec.seed, "noise": NOISE, "device": device.type,
+            "bf16": spec.bf16, "channels_last": spec.channels_last, "compile": spec.compile,
+            "data": data, **sources,
+            "skip": spec.skip, "max": spec.max, "batch": spec.batch,
             # mode=staged only (absent, i.e. None, in the other modes' records)
-            **({"radius": float(cfg.radius), "stages": [int(s) for s in cfg.stages],
-                "stage_weights": list(check_stages(list(cfg.stages), _weights(cfg))[1])}
-               if staged else {})}
+            **({"radius": spec.radius, "stages": list(spec.stages),
+                "stage_weights": list(spec.stage_weights)} if staged else {}),
+            "versions": {"dsr_lightning": dsr_lightning.__version__, "torch": torch.__version__,
+                         "device_model": _device_model(device)}}
 
 
-def _weights(cfg: DictConfig) -> list[float] | None:
-    return None if cfg.stage_weights is None else list(cfg.stage_weights)
+def _device_model(device: torch.device) -> str:
+    """The accelerator's model (GPU models differ in their noise streams and rounding)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    return platform.processor() or platform.machine() or "cpu"
 
 
-def _device_type(trainer: pl.Trainer) -> str:
+def _device(trainer: pl.Trainer) -> torch.device:
     try:
-        return trainer.strategy.root_device.type
+        return trainer.strategy.root_device
     except Exception:  # noqa: BLE001 - strategies that know their device only later
-        return str(type(trainer.accelerator).__name__).removesuffix("Accelerator").lower()
+        return torch.device(str(type(trainer.accelerator).__name__)
+                            .removesuffix("Accelerator").lower())
 
 
 def _main_process() -> bool:
@@ -140,47 +129,44 @@ def certify(cfg: DictConfig) -> dict:
     """Certify the configured split; rows stream to cfg.outfile, written by this process alone.
     Returns the paths, the counts, the summary of the whole file and its Markdown table row."""
     check_certify(cfg)
-    results = ResultsFile(cfg.outfile, {}, COLUMNS[cfg.mode])
+    spec = spec_of(cfg)
     main = _main_process()
+    lock = WriterLock(cfg.outfile)
     if main:
-        results.lock(wait=bool(cfg.get("wait", False)))  # before any work: writable, and ours
+        lock.acquire(wait=bool(cfg.get("wait", False)))  # before any work: writable, and ours
     try:
         system, sources = build_system(cfg)
         datamodule = instantiate(cfg.data)
-        dataset = datamodule.dataset(cfg.split)  # prepares and sets up what it needs
-        writer = RowWriter(results)
-        trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=[writer], logger=False,
+        dataset = datamodule.dataset(spec.split)  # prepares and sets up what it needs
+        if len(dataset) == 0:
+            raise ConfigError(f"split={spec.split} of data={type(datamodule).__name__} holds no "
+                              "images: nothing to certify (choose another split, or data with "
+                              "images in it)")
+        trainer: pl.Trainer = instantiate(cfg.trainer, logger=False,
                                           use_distributed_sampler=False)
         data = {"name": type(datamodule).__name__, "split_size": len(dataset),
-                "fingerprint": datamodule.fingerprint(cfg.split)}
-        results.settings = settings_of(cfg, sources, data, _device_type(trainer))
+                "fingerprint": datamodule.fingerprint(spec.split)}
+        results = ResultsFile(cfg.outfile, settings_of(spec, cfg.system.name, sources, data,
+                                                       _device(trainer)), spec.columns)
         # checked under the lock, as the file is about to be written; the shards of a killed
         # multi-device run are folded in (main process only)
         done = results.merge_parts() if main else results.check()
-        stop = len(dataset) if int(cfg.max) < 0 else min(int(cfg.max), len(dataset))
-        todo = [i for i in range(0, stop, int(cfg.skip)) if i not in done]
+        todo = [i for i in spec.indices(len(dataset)) if i not in done]
         if main:
             results.open()
         print(f"certify: {len(todo)} images to go ({len(done)} already in {results.path})",
               flush=True)
         if todo:
-            base = FastBase(system, bf16=cfg.bf16, channels_last=cfg.channels_last,
-                            compile=cfg.compile)
-            staged = {"radius": float(cfg.radius), "stages": list(cfg.stages),
-                      "stage_weights": _weights(cfg)} if cfg.mode == "staged" else {}
-            module = CertifyModule(base, cfg.sigma, int(cfg.N0), int(cfg.N), float(cfg.alpha),
-                                   int(cfg.batch), cfg.bound, cfg.mode, int(cfg.seed), dataset,
-                                   todo, int(cfg.images_per_step),
-                                   allow_out_of_range=bool(cfg.get("allow_out_of_range", False)),
-                                   **staged)
-            trainer.predict(module, return_predictions=False)
+            trainer.callbacks.append(RowWriter(results))
+            trainer.predict(CertificationModule(system, spec, dataset, todo),
+                            return_predictions=False)
     finally:
         if main:
-            results.release()
+            lock.release()
     out = {"outfile": str(results.path), "settings": str(results.meta), "todo": len(todo),
            "done_before": len(done), "system": cfg.system.name,
            "wandb": sources["run"].get("wandb")}
-    if main and cfg.mode == "certify":
+    if main and spec.mode == "certify":
         from dsr_lightning.reports import markdown_table, summary_frame
 
         frame = summary_frame([results.path], radii=list(cfg.certify.radii))

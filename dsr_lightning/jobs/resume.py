@@ -11,8 +11,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from dsr_lightning.config import to_dict
-from dsr_lightning.errors import ConfigError
-from dsr_lightning.models import CheckpointError, non_finite_keys, read_checkpoint
+from dsr_lightning.errors import CheckpointError, ConfigError
+from dsr_lightning.jobs.run_checkpoint import RunCheckpoint
 
 # (key path, applies to these stages): the settings a checkpoint's weights depend on
 METHOD_KEYS = (
@@ -46,13 +46,13 @@ def check_resume(cfg: DictConfig, ckpt_path: str) -> dict:
     {"epochs": epochs done, "in_place": whether the run continues in the checkpoint's own folder,
     "wandb": the W&B run record or None}. Raises ConfigError / CheckpointError."""
     path = Path(str(ckpt_path))
-    if not path.is_file():
+    if not path.exists():
         raise ConfigError(f"ckpt_path={path}: no such file (resume from <run>/checkpoints/last.ckpt)")
-    ckpt = read_checkpoint(path, weights_only=False)  # a Lightning file of our own
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "dsr_config" not in ckpt:
-        raise CheckpointError(f"ckpt_path={path}: not a checkpoint of train.py (no state_dict or no "
-                              "dsr_config); resume from <run>/checkpoints/last.ckpt")
-    old, new = ckpt["dsr_config"], to_dict(cfg)
+    try:
+        ckpt = RunCheckpoint.read(path)
+    except CheckpointError as e:
+        raise CheckpointError(f"ckpt_path={path}: {e}") from None
+    old, new = ckpt.config, to_dict(cfg)
     stage = new["stage"]["name"]
     diff = [(k, _get(old, k), _get(new, k)) for k, stages in METHOD_KEYS
             if (stages is None or stage in stages) and _get(old, k) != _get(new, k)]
@@ -63,10 +63,11 @@ def check_resume(cfg: DictConfig, ckpt_path: str) -> dict:
         raise ConfigError(f"ckpt_path={path} was trained with other settings; resuming it would "
                           f"mix them:\n{lines}\n  Resume with the checkpoint's settings, or start "
                           "a new run (no ckpt_path).")
-    if bad := non_finite_keys(ckpt["state_dict"]):
-        raise CheckpointError(f"ckpt_path={path} holds non-finite weights ({len(bad)} tensors, e.g. "
-                              f"{', '.join(bad[:3])}): resume from an earlier checkpoint")
-    done = int(ckpt.get("epoch", -1)) + 1  # saved at the end of epoch `epoch`
+    try:
+        ckpt.check_finite()
+    except CheckpointError as e:
+        raise CheckpointError(f"ckpt_path={path}: {e}") from None
+    done = ckpt.epoch
     wanted = int(cfg.optim.epochs)
     if done >= wanted:
         raise ConfigError(f"ckpt_path={path} has trained {done} epochs already and optim.epochs="
@@ -75,4 +76,4 @@ def check_resume(cfg: DictConfig, ckpt_path: str) -> dict:
     run = path.parent.parent
     here = Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else None
     return {"epochs": done, "in_place": here is not None and here.resolve() == run.resolve(),
-            "wandb": ckpt.get("dsr_wandb")}
+            "wandb": ckpt.wandb}

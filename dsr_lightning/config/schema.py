@@ -19,18 +19,20 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import II, MISSING, DictConfig
 
+from dsr_lightning.data.base import SPLITS
 from dsr_lightning.errors import ConfigError
+from dsr_lightning.models.system import SYSTEMS
+from dsr_lightning.smoothing.checks import BOUNDS
 from dsr_lightning.smoothing.staged import check_stages
+from dsr_lightning.smoothing.threshold import OBJECTIVES as SELECTION_OBJECTIVES
+from dsr_lightning.tasks.base import CLIP_ALGORITHMS
+from dsr_lightning.tasks.denoiser import OBJECTIVES
+from dsr_lightning.tasks.prediction import MODES
+from dsr_lightning.tasks.rejector import HEADS, TARGETS
 
-BOUNDS = ("paper", "runner_up", "cohen")
-SYSTEMS = ("rejection", "denoised", "plain")
-MODES = ("certify", "predict", "staged")
-SPLITS = ("train", "val", "test")
-TARGETS = ("clean_pred", "label")
-HEADS = ("noisy", "clean")
-OBJECTIVES = ("mse", "stab", "clf")
 STAGES = ("classifier", "denoiser", "rejector")
-SELECTION_OBJECTIVES = ("acr", "accuracy")
+# Trainer arguments that Lightning refuses under manual optimisation: the tasks apply them
+MANUAL_KEYS = ("gradient_clip_val", "gradient_clip_algorithm", "accumulate_grad_batches")
 
 
 @dataclass
@@ -297,6 +299,29 @@ def check_certify_settings(c, prefix: str = "") -> None:
                               f"record): set {prefix}N={stages[-1]}")
 
 
+def check_trainer(trainer: DictConfig) -> None:
+    """The trainer node: callbacks and loggers come from their groups; the keys manual
+    optimisation applies itself (MANUAL_KEYS) in range."""
+    for key, how in (("callbacks", "the callbacks group: callbacks=[default,early_stopping] or "
+                                   "+callbacks.<name>._target_=..."),
+                     ("logger", "the logger group: logger=wandb or +logger.<name>._target_=...")):
+        if key in trainer:
+            raise ConfigError(f"trainer.{key} is not read: set {key} through {how}")
+    clip = trainer.get("gradient_clip_val")
+    if clip is not None:
+        _real("trainer.gradient_clip_val", clip, low=0)
+    algo = trainer.get("gradient_clip_algorithm")
+    if algo is not None:
+        _choice("trainer.gradient_clip_algorithm", algo, CLIP_ALGORITHMS)
+    if trainer.get("accumulate_grad_batches") is not None:
+        _int("trainer.accumulate_grad_batches", trainer.accumulate_grad_batches)
+
+
+def _keeps_checkpoints(callbacks) -> bool:
+    return any(str((node or {}).get("_target_", "")).endswith("ModelCheckpoint")
+               for node in (callbacks or {}).values() if isinstance(node, DictConfig))
+
+
 def check_train(cfg: DictConfig) -> None:
     """Ranges and choices of a composed train.py config; raises one ConfigError naming the key."""
     stage = _choice("stage", cfg.stage.name, STAGES)
@@ -314,7 +339,11 @@ def check_train(cfg: DictConfig) -> None:
         check_rejector(cfg.rejector)
     if "batch_size" in cfg.data:
         _int("data.batch_size", cfg.data.batch_size)
+    check_trainer(cfg.trainer)
     if cfg.certify.systems:
+        if stage == "rejector" and not _keeps_checkpoints(cfg.get("callbacks")):
+            raise ConfigError("certify=... certifies the trained rejector's checkpoint: keep the "
+                              "model_checkpoint or last callback (callbacks=default)")
         for s in cfg.certify.systems:
             _choice("certify.systems[...]", s, ("rejection", "denoised"))
         check_certify_settings(cfg.certify, "certify.")

@@ -16,22 +16,15 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 
 from dsr_lightning.config import to_dict
+from dsr_lightning.config.schema import MANUAL_KEYS, check_train
 from dsr_lightning.errors import ConfigError
-from dsr_lightning.loggers import wandb_run_record
+from dsr_lightning.jobs.loggers import wandb_run_record
+from dsr_lightning.jobs.networks import build_fresh, load_frozen
+from dsr_lightning.jobs.resume import check_resume
+from dsr_lightning.jobs.run_checkpoint import RunCheckpoint
+from dsr_lightning.jobs.threshold import choose_for_checkpoints, describe, selection_settings
 from dsr_lightning.models import load_checkpoint, save_checkpoint
-from dsr_lightning.resume import check_resume
-from dsr_lightning.schema import check_train
-from dsr_lightning.tasks import (
-    ClassifierTask,
-    DenoiserTask,
-    RejectorTask,
-    build_fresh,
-    load_frozen,
-)
-from dsr_lightning.threshold import finish_rejector, selection_settings
-
-# Trainer arguments that Lightning refuses with manual optimisation: the tasks apply them
-MANUAL_KEYS = ("gradient_clip_val", "gradient_clip_algorithm", "accumulate_grad_batches")
+from dsr_lightning.tasks import ClassifierTask, DenoiserTask, RejectorTask
 
 
 def output_dir(cfg: DictConfig) -> Path:
@@ -77,8 +70,7 @@ def build_task(cfg: DictConfig, run_config: dict) -> tuple[pl.LightningModule, P
         task = RejectorTask(clf, den, net, cfg.optim, target=rej.target, head=rej.head,
                             threshold=0.0 if rej.threshold == "auto" else rej.threshold,
                             pos_weight=rej.pos_weight, correct_weight=rej.correct_weight,
-                            focal_gamma=rej.focal_gamma, selection=selection_settings(cfg),
-                            run_config=run_config)
+                            focal_gamma=rej.focal_gamma, run_config=run_config)
         return task, None
     raise ConfigError(f"stage={stage!r}: choose classifier, denoiser or rejector")
 
@@ -87,7 +79,7 @@ def _export(task, cfg: DictConfig, best: str | None, path: Path) -> None:
     """Write the best network in the published {'arch', 'state_dict'} form, where the next stage
     reads (the final weights when no best checkpoint was kept)."""
     if best:
-        task.load_state_dict(torch.load(best, map_location="cpu", weights_only=False)["state_dict"])
+        RunCheckpoint.read(best).load_into(task)
     spec = cfg.classifier if cfg.stage.name == "classifier" else cfg.denoiser
     net = task.net if cfg.stage.name == "classifier" else task.denoiser
     extra = {"sigma": float(cfg.sigma)} if cfg.stage.name == "denoiser" else {
@@ -164,7 +156,7 @@ def _loggers(cfg: DictConfig, resumed: dict | None) -> list:
     for name, node in (cfg.get("logger") or {}).items():
         kwargs = {}
         target = str(node.get("_target_", ""))
-        if resumed and resumed.get("in_place") and target == "dsr_lightning.loggers.CSVLogger":
+        if resumed and resumed.get("in_place") and target == "dsr_lightning.jobs.loggers.CSVLogger":
             kwargs["append"] = True
         if resumed and target.endswith("WandbLogger") and resumed.get("wandb"):
             rec = resumed["wandb"]
@@ -174,19 +166,11 @@ def _loggers(cfg: DictConfig, resumed: dict | None) -> list:
 
 
 def _trainer_config(cfg: DictConfig) -> tuple[DictConfig, dict]:
-    """The Trainer's config without the keys manual optimisation handles itself, and those keys."""
+    """The Trainer's config without the keys manual optimisation handles itself, and those keys
+    (checked by the schema)."""
     tcfg = OmegaConf.create(OmegaConf.to_container(cfg.trainer, resolve=True))
-    for key, how in (("callbacks", "the callbacks group: callbacks=[default,early_stopping] or "
-                                   "+callbacks.<name>._target_=..."),
-                     ("logger", "the logger group: logger=wandb or +logger.<name>._target_=...")):
-        if key in tcfg:
-            raise ConfigError(f"trainer.{key} is not read: set {key} through {how}")
-    manual = {}
     with open_dict(tcfg):
-        for k in MANUAL_KEYS:
-            v = tcfg.pop(k, None)
-            if v is not None:
-                manual[k] = v
+        manual = {k: v for k in MANUAL_KEYS if (v := tcfg.pop(k, None)) is not None}
     return tcfg, manual
 
 
@@ -207,9 +191,6 @@ def train(cfg: DictConfig) -> dict:
     datamodule = instantiate(cfg.data)
     callbacks = _callbacks(cfg)
     best_cb, last_cb = _checkpoints(callbacks, cfg.stage.monitor)
-    if cfg.stage.name == "rejector" and cfg.certify.systems and best_cb is last_cb is None:
-        raise ConfigError("certify=... certifies the trained rejector's checkpoint: keep the "
-                          "model_checkpoint or last callback (callbacks=default)")
     loggers = _loggers(cfg, resumed)
     trainer: pl.Trainer = instantiate(tcfg, callbacks=callbacks, logger=loggers or False)
     wandb_logger = next((lg for lg in trainer.loggers if isinstance(lg, pl.loggers.WandbLogger)),
@@ -249,12 +230,29 @@ def _finish(cfg, task, trainer, best_cb, last_cb, export, out: Path, wandb_runs:
         result["export"] = str(export)
     if isinstance(task, RejectorTask):
         result["roc"] = _log_roc(roc, wandb_runs, out) if roc is not None else None
-        result.update(finish_rejector(cfg, result))
+        result.update(_threshold(cfg, task, trainer.datamodule, result))
         if cfg.certify.systems:
-            from dsr_lightning.certification import certify_after_fit
+            from dsr_lightning.jobs.certification import certify_after_fit
 
             result["certification"] = certify_after_fit(cfg, result["best"] or result["last"],
                                                         out / "results", wandb_runs)
-    cert = result.get("certification", {}).get("rejection")
-    result["objective"] = cert["acr"] if cert else result["best_score"]
+    # what a sweeper optimises: a validation figure, never a test-split certificate (an optimising
+    # sweeper would tune on the test set): the threshold choice's estimated objective on the
+    # validation draws, else the monitored validation metric
+    choice = result.get("threshold_choice")
+    result["objective"] = choice["score"] if choice else result["best_score"]
     return result
+
+
+def _threshold(cfg: DictConfig, task: RejectorTask, datamodule, result: dict) -> dict:
+    """The threshold f_R certifies with: the configured one, or (threshold=auto) the one chosen
+    now, once for each kept checkpoint, on the validation split (DESIGN §5)."""
+    settings = selection_settings(cfg)
+    if settings is None:
+        return {"threshold": float(cfg.rejector.threshold), "threshold_note": "configured"}
+    paths = [result.get("best"), result.get("last")]
+    if not any(paths):
+        return {}
+    choice = choose_for_checkpoints(task, datamodule.dataset("val"), settings, paths)
+    return {"threshold": choice["value"], "threshold_note": describe(choice),
+            "threshold_choice": choice}

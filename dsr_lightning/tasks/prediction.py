@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import numpy as np
 import pytorch_lightning as pl
@@ -13,7 +14,7 @@ from pytorch_lightning.callbacks import BasePredictionWriter
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from dsr_lightning.results import ResultsFile
+from dsr_lightning.results import COLUMNS, ResultsFile
 from dsr_lightning.smoothing import (
     ABSTAIN,
     ImageNoise,
@@ -23,8 +24,45 @@ from dsr_lightning.smoothing import (
     predict_counts,
 )
 
+MODES = ("certify", "predict", "staged")
 
-class FastBase(nn.Module):
+
+@dataclass(frozen=True)
+class CertificationSpec:
+    """Everything a certification run is asked for, built once from the config (jobs.certification
+    .spec_of): it feeds the predict module, the results file's settings record and its columns."""
+
+    mode: str                  # certify | predict | staged (MODES)
+    sigma: float
+    N0: int
+    N: int
+    alpha: float
+    bound: str
+    seed: int
+    split: str = "test"
+    skip: int = 1
+    max: int = -1
+    batch: int = 1000          # samples per forward pass
+    images_per_step: int = 4
+    bf16: bool = False
+    channels_last: bool = False
+    compile: bool = False
+    allow_out_of_range: bool = False
+    radius: float | None = None        # mode=staged: the target radius
+    stages: tuple[int, ...] = ()       # mode=staged: cumulative draws per look
+    stage_weights: tuple[float, ...] = ()  # mode=staged: the share of α of each look (resolved)
+
+    @property
+    def columns(self) -> list[str]:
+        return COLUMNS[self.mode]
+
+    def indices(self, size: int) -> list[int]:
+        """The data set indices this run certifies (skip and max as the reference scripts)."""
+        stop = size if self.max < 0 else min(self.max, size)
+        return list(range(0, stop, self.skip))
+
+
+class AcceleratedSystem(nn.Module):
     """f_R with the speed options: channels_last input, bf16 autocast (CUDA, or a CPU with bf16),
     and torch.compile (benchmarks/README.md: 1.5x on an H100 for the paper's system, after about a
     minute of compiling)."""
@@ -61,58 +99,53 @@ class Indexed(Dataset):
         return self.indices[i], x, y
 
 
-class CertifyModule(pl.LightningModule):
-    """predict_step: certify (or predict, Algorithm 1; or 'staged': certify at the target `radius`
-    with cumulative `stages` of draws and α split by `stage_weights`, see
-    smoothing.certify_staged) a batch of images; returns one row per image. The noise of each
-    image comes from its own stream, keyed by (seed, its index in the data set): an image gets the
-    same draws whatever it is certified with, in a resumed or sharded run, and in every system
-    certified with the same seed."""
+class CertificationModule(pl.LightningModule):
+    """predict_step: certify (or predict, Algorithm 1; or 'staged': certify at the target radius
+    with cumulative stages of draws and α split over the looks, see smoothing.certify_staged) a
+    batch of images; returns one row per image. The noise of each image comes from its own stream,
+    keyed by (seed, its index in the data set): an image gets the same draws whatever it is
+    certified with, in a resumed or sharded run, and in every system certified with the same
+    seed."""
 
-    def __init__(self, base: nn.Module, sigma: float, N0: int, N: int, alpha: float, batch: int,
-                 bound: str, mode: str, seed: int, dataset: Dataset, todo: list[int],
-                 images_per_step: int = 4, radius: float | None = None,
-                 stages: list[int] | None = None, stage_weights: list[float] | None = None,
-                 allow_out_of_range: bool = False):
+    def __init__(self, system: nn.Module, spec: CertificationSpec, dataset: Dataset,
+                 todo: list[int]):
         super().__init__()
-        self.base = base
-        self.smoothed = SmoothedClassifier(base, base.num_classes, sigma, allow_out_of_range)
-        self.N0, self.N, self.alpha, self.batch, self.bound = N0, N, alpha, batch, bound
-        self.mode, self.seed, self.dataset, self.todo = mode, seed, dataset, todo
-        self.images_per_step = images_per_step
-        self.radius, self.stages, self.stage_weights = radius, stages, stage_weights
+        self.spec, self.dataset, self.todo = spec, dataset, todo
+        self.base = AcceleratedSystem(system, spec.bf16, spec.channels_last, spec.compile)
+        self.smoothed = SmoothedClassifier(self.base, self.base.num_classes, spec.sigma,
+                                           spec.allow_out_of_range)
 
     def predict_dataloader(self) -> DataLoader:
         # Each rank takes its own shard of the remaining indices. Lightning refuses an empty loader
         # on any rank: one left without work recomputes the last image (its noise is keyed by its
         # index, so the same row), which the merge keeps once.
         shard = self.todo[self.global_rank::self.trainer.world_size] or self.todo[-1:]
-        return DataLoader(Indexed(self.dataset, shard), batch_size=self.images_per_step,
+        return DataLoader(Indexed(self.dataset, shard), batch_size=self.spec.images_per_step,
                           shuffle=False)
 
     def predict_step(self, batch, batch_idx: int) -> list[dict]:
         idx, x, y = batch
         t0 = time.perf_counter()
-        noise = ImageNoise(self.seed, idx.tolist())
-        if self.mode == "certify":
-            cert = self.smoothed.certify(x, self.N0, self.N, self.alpha, self.batch, self.bound,
+        noise = ImageNoise(self.spec.seed, idx.tolist())
+        spec = self.spec
+        if spec.mode == "certify":
+            cert = self.smoothed.certify(x, spec.N0, spec.N, spec.alpha, spec.batch, spec.bound,
                                          noise=noise)
             cols = cert.columns()
             pred = cols["prediction"]
-        elif self.mode == "staged":
-            cert = certify_staged(self.base, x, self.N0, self.stages, self.stage_weights,
-                                  self.alpha, self.smoothed.sigma, self.radius, self.batch,
-                                  self.bound, noise=noise,
-                                  allow_out_of_range=self.smoothed.allow_out_of_range)
+        elif spec.mode == "staged":
+            cert = certify_staged(self.base, x, spec.N0, spec.stages, spec.stage_weights,
+                                  spec.alpha, spec.sigma, spec.radius, spec.batch, spec.bound,
+                                  noise=noise, allow_out_of_range=spec.allow_out_of_range)
             cols = {**cert.columns(), "target_radius": np.full(len(idx), cert.target),
                     "certified_at_target": cert.certified.astype(np.int64)}
             pred = cols["prediction"]
         else:
-            counts = self.smoothed.counts(x, self.N, self.batch, noise=noise)  # (B, K+1)
-            pred = predict_counts(counts, self.alpha)
+            counts = self.smoothed.counts(x, spec.N, spec.batch, noise=noise)  # (B, K+1)
+            pred = predict_counts(counts, spec.alpha)
             top = np.where(pred == ABSTAIN, counts[:, :-1].argmax(1), pred)
             # the counts of the answer (or the top class on abstain) and of the runner-up
-            d = certify_details(counts, top, self.smoothed.sigma, self.alpha, "cohen").columns()
+            d = certify_details(counts, top, spec.sigma, spec.alpha, "cohen").columns()
             cols = {k: d[k] for k in ("n_A", "n_R", "n_B", "N")}
         dt = (time.perf_counter() - t0) / len(idx)  # the step's time, shared by its images
         labels = y.cpu().numpy()

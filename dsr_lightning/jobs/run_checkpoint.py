@@ -1,0 +1,150 @@
+"""The one reader of a checkpoint of train.py (a Lightning checkpoint with our entries): resume,
+certification, the threshold tool and the export all go through `RunCheckpoint`.
+
+Entries beside Lightning's own (DESIGN §4): `dsr_config` (the run's resolved config: how each
+network was built), `dsr_threshold` (the threshold chosen for these weights, rejector.threshold=auto)
+and `dsr_wandb` (the W&B run, so a resume or a certification joins it).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from torch import nn
+
+from dsr_lightning.errors import CheckpointError, ConfigError
+from dsr_lightning.models import (
+    SmoothingSystem,
+    build_arch,
+    freeze,
+    load_state_dict_strict,
+    non_finite_keys,
+    read_checkpoint,
+)
+
+RESUME_HINT = "resume from <run>/checkpoints/last.ckpt"
+
+
+@dataclass
+class RunCheckpoint:
+    """A checkpoint of train.py, read once. `state_dict` is empty when read with weights=False
+    (mapped: only the small entries are wanted)."""
+
+    path: Path
+    config: dict
+    state_dict: dict = field(repr=False)
+    epoch: int                 # epochs done (the file is saved at the end of epoch `epoch - 1`)
+    global_step: int
+    threshold_choice: dict | None
+    wandb: dict | None
+
+    @classmethod
+    def read(cls, path: str | os.PathLike, *, weights: bool = True) -> RunCheckpoint:
+        """Read `path`; a missing, unreadable or foreign file (not written by train.py) is one
+        CheckpointError naming it."""
+        path = Path(path)
+        if path.is_dir():
+            raise CheckpointError(f"{path} is a folder; pass a checkpoint file in it, e.g. "
+                                  f"{path / 'checkpoints' / 'best.ckpt'}")
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint not found: {path} ({RESUME_HINT}, or certify "
+                                  "<run>/checkpoints/best.ckpt)")
+        raw = read_checkpoint(path, weights_only=False, mmap=not weights)  # our own Lightning file
+        if not isinstance(raw, dict) or not isinstance(raw.get("dsr_config"), dict) \
+                or not isinstance(raw.get("state_dict"), dict):
+            raise CheckpointError(f"{path}: not a checkpoint of train.py (no state_dict or no "
+                                  "dsr_config); pass <run>/checkpoints/best.ckpt or last.ckpt of a "
+                                  "train.py run")
+        choice = raw.get("dsr_threshold")
+        return cls(path=path, config=raw["dsr_config"],
+                   state_dict=raw["state_dict"] if weights else {},
+                   epoch=int(raw.get("epoch", -1)) + 1, global_step=int(raw.get("global_step", 0)),
+                   threshold_choice=choice if isinstance(choice, dict) else None,
+                   wandb=raw.get("dsr_wandb"))
+
+    # -- what it holds ----------------------------------------------------------------------
+    @property
+    def stage(self) -> str | None:
+        return (self.config.get("stage") or {}).get("name")
+
+    def require_stage(self, stage: str, hint: str) -> RunCheckpoint:
+        if self.stage != stage:
+            raise CheckpointError(f"{self.path} is a checkpoint of the {self.stage!r} stage, not "
+                                  f"of the {stage} stage; {hint}")
+        return self
+
+    def check_finite(self) -> None:
+        if bad := non_finite_keys(self.state_dict):
+            raise CheckpointError(f"{self.path} holds non-finite weights ({len(bad)} tensors, "
+                                  f"e.g. {', '.join(bad[:3])}): use an earlier checkpoint")
+
+    def part(self, prefix: str) -> dict[str, Any]:
+        """The state dict of one sub-network of the task (`classifier`, `denoiser`, `rejector`,
+        `net`), its prefix removed."""
+        n = len(prefix) + 1
+        return {k[n:]: v for k, v in self.state_dict.items() if k.startswith(prefix + ".")}
+
+    def threshold(self) -> float:
+        """The rejector threshold these weights certify with: the one chosen for them
+        (threshold=auto), else the configured one. Anything but a number (NaN, text) is refused:
+        f_R would silently become another system."""
+        configured = (self.config.get("rejector") or {}).get("threshold", 0.0)
+        value = (self.threshold_choice or {}).get("value", configured)
+        if value == "auto":
+            raise CheckpointError(
+                f"{self.path}: rejector.threshold=auto was never chosen for these weights (the run "
+                "stopped before the choice after fit?). Certify the best.ckpt of a finished run, "
+                "or pass threshold=<a logit> to certify.py")
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value):
+            raise CheckpointError(f"{self.path}: the rejector threshold {value!r} is not a number "
+                                  "(an edited or damaged checkpoint?); pass threshold=<a logit> to "
+                                  "certify.py, or use an intact checkpoint")
+        return float(value)
+
+    # -- networks -----------------------------------------------------------------------------
+    def rejection_system(self, sigma: float | None = None,
+                         threshold: float | None = None) -> SmoothingSystem:
+        """f_R rebuilt from this file alone (f, D, the heads and the threshold); `threshold`
+        replaces the checkpoint's. A σ other than the rejector's is refused."""
+        self.require_stage("rejector", "pass rejector_ckpt=<run>/checkpoints/best.ckpt of a "
+                                       "rejector run")
+        run = self.config
+        if sigma is not None and abs(float(run["sigma"]) - float(sigma)) > 1e-9:
+            raise ConfigError(f"the rejector {self.path} was trained for sigma={run['sigma']:g}, "
+                              f"but sigma={float(sigma):g} was asked: certify with "
+                              f"sigma={run['sigma']:g} or train a rejector for this sigma")
+        t = self.threshold() if threshold is None else float(threshold)
+        clf = build_arch(run["classifier"]["arch"], **(run["classifier"].get("arch_kwargs") or {}))
+        den = build_arch(run["denoiser"]["arch"], **(run["denoiser"].get("arch_kwargs") or {}))
+        rej = instantiate(OmegaConf.create(run["rejector"]["net"]))(
+            num_classes=clf.num_classes, feature_channels=clf.feature_channels)
+        for name, net in (("classifier", clf), ("denoiser", den), ("rejector", rej)):
+            load_state_dict_strict(net, self.part(name), source=f"{self.path} ({name})")
+        return SmoothingSystem(freeze(clf), freeze(den), freeze(rej), threshold=t)
+
+    def load_into(self, module: nn.Module) -> nn.Module:
+        """The file's weights into the task that wrote it (strict)."""
+        module.load_state_dict(self.state_dict)
+        return module
+
+    # -- writing ------------------------------------------------------------------------------
+    def write_threshold(self, choice: dict) -> None:
+        """Add the threshold chosen for these weights to the file, atomically (a kill leaves the
+        old file whole)."""
+        raw = torch.load(self.path, map_location="cpu", weights_only=False)
+        raw["dsr_threshold"] = choice
+        tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
+        try:
+            torch.save(raw, tmp)
+            os.replace(tmp, self.path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        self.threshold_choice = choice
