@@ -1,6 +1,8 @@
 """LightningDataModules yielding [0,1] images, with the on-device Gaussian noise (T copies)."""
 
-from .base import CIFAR10_CLASSES, DataError, SmoothingDataModule, TransformedSubset
+from dsr_lightning.errors import DataError
+
+from .base import CIFAR10_CLASSES, SmoothingDataModule, TransformedSubset
 from .cifar10 import (
     SUBSET_PATH,
     SUBSET_SHA256,

@@ -11,7 +11,9 @@ import torchvision
 from torch.utils.data import Dataset, TensorDataset
 from torchvision import transforms as tvt
 
-from .base import DataError, SmoothingDataModule
+from dsr_lightning.errors import DataError
+
+from .base import SmoothingDataModule
 
 SUBSET_PATH = Path(__file__).resolve().parent / "cifar10_subset" / "cifar10_subset.npz"
 SUBSET_SHA256 = "b407fc95953c1239ef30d8958225dfcd1688aadeabb60c09d838c10270e6505d"
