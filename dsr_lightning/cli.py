@@ -28,14 +28,20 @@ def run_job(fn: Callable[[DictConfig], dict], cfg: DictConfig,
             report: Callable[[dict], None]) -> float | None:
     """fn(cfg), then report(result) on the main process; returns the job's objective (what a
     Hydra sweeper optimises). Errors: see the module docstring."""
-    from dsr_lightning.errors import USER_ERRORS
+    from dsr_lightning.errors import USER_ERRORS, Interrupted
     from dsr_lightning.jobs import sweeps
+    from dsr_lightning.jobs.console import quiet_third_party
+
+    quiet_third_party()
 
     multirun = is_multirun()
     if multirun:
         sweeps.start_job()
     try:
         result = fn(cfg)
+    except Interrupted as e:  # the whole sweep stops too: the cluster wants the machine back
+        print(f"stopped: {e}", file=sys.stderr, flush=True)
+        sys.exit(e.exit_code)
     except USER_ERRORS as e:
         if multirun:
             sweeps.record_failure(e, user_error=True)

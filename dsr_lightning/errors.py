@@ -25,5 +25,14 @@ class TrainingError(RuntimeError):
     """Training that cannot go on (e.g. a non-finite loss); the message says where it came from."""
 
 
+class Interrupted(Exception):
+    """A job stopped by SIGTERM (a cluster preempting it) or Ctrl-C: what was written is kept; the
+    message says how to resume. Entry points exit with 128 + the signal's number."""
+
+    def __init__(self, message: str, signum: int = 15):
+        super().__init__(message)
+        self.exit_code = 128 + int(signum)
+
+
 USER_ERRORS = (ConfigError, ResultsError, TrainingError, CheckpointError, DataError,
                FileNotFoundError)

@@ -313,11 +313,19 @@ class ResultsFile:
             os.truncate(path, data.rfind(b"\n") + 1)
 
     def append(self, rows: list[dict], path: Path | None = None) -> None:
-        with open(path or self.path, "a") as f:
-            for r in rows:
-                f.write("\t".join(fmt(r.get(c, "")) for c in self.columns) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        """Write whole rows, flushed and fsynced. A failed write (a full disk) is one
+        ResultsError: the rows before it are kept, and a torn last line is dropped on resume."""
+        target = path or self.path
+        try:
+            with open(target, "a") as f:
+                for r in rows:
+                    f.write("\t".join(fmt(r.get(c, "")) for c in self.columns) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            what = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+            raise ResultsError(f"cannot append to {target}: {what}. The rows written before are "
+                               "kept; free space and run the same command again to resume") from None
 
     def part(self, rank: int) -> Path:
         return Path(f"{self.path}.rank{rank}")

@@ -60,6 +60,12 @@ def run_dir(ckpt_path, default: str) -> str:
     return default
 
 
+def record_dir(ckpt_path, stamp: str) -> str:
+    """hydra.output_subdir: `.hydra` for a new run; `.hydra/resumes/<stamp>` for a resume, so the
+    record of how the run was started is never overwritten by a resume (refused or not)."""
+    return f".hydra/resumes/{stamp}" if ckpt_path else ".hydra"
+
+
 def _hydra_node():
     from hydra.core.hydra_config import HydraConfig
 
@@ -98,7 +104,7 @@ def unique_name(base: str) -> str:
 
 
 for _name, _fn in (("fmt2", fmt2), ("first", first), ("tag", tag), ("safe_name", safe_name),
-                   ("run_dir", run_dir),
+                   ("run_dir", run_dir), ("record_dir", record_dir),
                    ("sweep_group", sweep_group), ("unique_name", unique_name)):
     if not OmegaConf.has_resolver(_name):
         OmegaConf.register_new_resolver(_name, _fn)

@@ -359,7 +359,13 @@ def check_certify(cfg: DictConfig) -> None:
     _int("seed", cfg.seed, low=0)
     check_certify_settings(cfg)
     if cfg.get("threshold") is not None:
-        _real("threshold", cfg.threshold, what=" (a logit: reject iff the head's logit > it)")
+        t = cfg.threshold
+        if isinstance(t, bool) or not isinstance(t, numbers.Real) or math.isnan(t):
+            raise ConfigError(f"threshold={t}: must be a number (a logit: reject iff the head's "
+                              "logit > it; inf: never reject)")
+        if cfg.system.name != "rejection":
+            raise ConfigError(f"threshold={t}: only system=rejection has a rejector threshold; "
+                              f"drop it for system={cfg.system.name}")
     bound = _choice("bound", cfg.bound, BOUNDS)
     if cfg.system.name != "rejection" and bound != "cohen":
         raise ConfigError(f"bound={bound} needs a reject class; system={cfg.system.name} has none: "

@@ -85,7 +85,9 @@ def load_subset(path: str | Path, check_sha256: str | None = None) -> dict[str, 
     except DataError:
         raise
     except Exception as e:  # BadZipFile, OSError, ValueError, zlib.error, EOFError, ...
-        raise DataError(f"{path}: not a readable npz archive ({type(e).__name__}: {e})") from e
+        # (NumPy's own message may advise allow_pickle, which would run code from the file)
+        raise DataError(f"{path}: not a valid NumPy array file (.npz archive of arrays): "
+                        f"{type(e).__name__}. Replace it with a good copy") from None
     missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in arrays]
     if missing:
         raise DataError(f"{path}: missing arrays {missing} (has {sorted(arrays)})")

@@ -6,6 +6,7 @@ denoised (classifier + denoiser: Salman et al.) and plain (classifier: Cohen et 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from pathlib import Path
 
@@ -17,14 +18,13 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 import dsr_lightning
 from dsr_lightning.config.schema import check_certify
 from dsr_lightning.errors import ConfigError
+from dsr_lightning.jobs.interrupt import stop_on_signals
 from dsr_lightning.jobs.networks import load_frozen
 from dsr_lightning.jobs.run_checkpoint import RunCheckpoint
 from dsr_lightning.models import SmoothingSystem
 from dsr_lightning.results import FORMAT, ResultsFile, WriterLock
-from dsr_lightning.smoothing import NOISE_BLOCK, check_stages
+from dsr_lightning.smoothing import check_stages, noise_scheme
 from dsr_lightning.tasks import CertificationModule, CertificationSpec, RowWriter
-
-NOISE = f"image-blocks/{NOISE_BLOCK}/v1"  # the noise scheme: smoothing.ImageNoise, keyed by idx
 
 
 def sha256_of(path: str | Path) -> str:
@@ -93,7 +93,8 @@ def settings_of(spec: CertificationSpec, system: str, sources: dict, data: dict,
     staged = spec.mode == "staged"
     return {"format": FORMAT, "mode": spec.mode, "system": system, "sigma": spec.sigma,
             "N0": spec.N0, "N": spec.N, "alpha": spec.alpha, "bound": spec.bound,
-            "split": spec.split, "seed": spec.seed, "noise": NOISE, "device": device.type,
+            "split": spec.split, "seed": spec.seed, "noise": noise_scheme(device.type),
+            "device": device.type,
             "bf16": spec.bf16, "channels_last": spec.channels_last, "compile": spec.compile,
             "data": data, **sources,
             "skip": spec.skip, "max": spec.max, "batch": spec.batch,
@@ -102,6 +103,28 @@ def settings_of(spec: CertificationSpec, system: str, sources: dict, data: dict,
                 "stage_weights": list(spec.stage_weights)} if staged else {}),
             "versions": {"dsr_lightning": dsr_lightning.__version__, "torch": torch.__version__,
                          "device_model": _device_model(device)}}
+
+
+def _never_rejecting(cfg: DictConfig) -> None:
+    """A rejection system whose threshold is +inf never rejects: p_R = 0 is known, not estimated,
+    so it is certified as the denoised system is (one bound at α, bound=cohen) instead of spending
+    α/2 on each of two bounds; the file's name and record say so. (Before any file is touched.)"""
+    if cfg.system.name != "rejection" or cfg.bound == "cohen" or not cfg.get("rejector_ckpt") \
+            or not Path(cfg.rejector_ckpt).is_file():
+        return
+    t = cfg.get("threshold")
+    if t is None:
+        t = RunCheckpoint.read(cfg.rejector_ckpt, weights=False).threshold()
+    if math.isinf(float(t)) and float(t) > 0:
+        print(f"certify: the rejector's threshold is +inf (it never rejects): certified with one "
+              f"bound at alpha, bound=cohen, not bound={cfg.bound}", flush=True)
+        with open_dict(cfg):
+            cfg.bound = "cohen"
+
+
+def _stopped(what: str, results: ResultsFile) -> str:
+    return (f"certification stopped by {what}; the rows written are kept in {results.path}. "
+            "Run the same command again to resume: the images done are skipped")
 
 
 def _device_model(device: torch.device) -> str:
@@ -129,6 +152,7 @@ def certify(cfg: DictConfig) -> dict:
     """Certify the configured split; rows stream to cfg.outfile, written by this process alone.
     Returns the paths, the counts, the summary of the whole file and its Markdown table row."""
     check_certify(cfg)
+    _never_rejecting(cfg)
     spec = spec_of(cfg)
     main = _main_process()
     lock = WriterLock(cfg.outfile)
@@ -158,8 +182,9 @@ def certify(cfg: DictConfig) -> dict:
               flush=True)
         if todo:
             trainer.callbacks.append(RowWriter(results))
-            trainer.predict(CertificationModule(system, spec, dataset, todo),
-                            return_predictions=False)
+            with stop_on_signals(lambda what: _stopped(what, results)):
+                trainer.predict(CertificationModule(system, spec, dataset, todo),
+                                return_predictions=False)
     finally:
         if main:
             lock.release()

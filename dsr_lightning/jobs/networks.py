@@ -13,7 +13,7 @@ from dsr_lightning.models import build_arch, load_checkpoint, read_checkpoint
 
 PUBLISHED = {
     "classifier": "the published ResNet-110 of Cohen et al. (github.com/locuslab/smoothing, "
-    "'models' archive: cifar10/resnet110/noise_0.00/checkpoint.pth.tar)",
+    "'models' archive: cifar10/resnet110/noise_{noise}/checkpoint.pth.tar)",
     "denoiser": "the published denoisers of Salman et al. (github.com/microsoft/denoised-smoothing, "
     "pretrained_models archive: trained_denoisers/cifar10/...)",
 }
@@ -24,10 +24,14 @@ def train_hint(role: str, spec, sigma: float | None) -> str:
     command line spells it: `denoiser=tiny`, not the network's name)."""
     from hydra.core.hydra_config import HydraConfig
 
-    option = spec.name
+    option, extra = spec.name, []
     if HydraConfig.initialized():
-        option = HydraConfig.get().runtime.choices.get(role) or option
-    cmd = f"python train.py stage={role} {role}={option}"
+        hc = HydraConfig.get()
+        option = hc.runtime.choices.get(role) or option
+        # what else decides where the file goes: the experiment and pretrained_root, as given
+        extra = [o for o in hc.overrides.task
+                 if o.split("=")[0].lstrip("+~") in ("experiment", "pretrained_root", "data")]
+    cmd = " ".join(["python train.py", f"stage={role}", f"{role}={option}", *extra])
     if role == "classifier" and float(spec.get("noise_sd") or 0) > 0:
         cmd += f" classifier.noise_sd={float(spec.noise_sd):g}"
     if role == "denoiser" and sigma is not None:
@@ -47,11 +51,15 @@ def load_frozen(role: str, spec, sigma: float | None = None) -> nn.Module:
     """Load the frozen `role` network ('classifier' | 'denoiser') described by a config node
     (name, arch, path): eval mode, no gradients. A denoiser trained for another σ is refused."""
     path = Path(str(spec.path))
+    if path.is_dir():
+        raise ConfigError(f"{role}.path={path} is a folder: point it at the checkpoint file in it "
+                          "(e.g. .../checkpoint.pth.tar)")
     if not path.is_file():
         hint = train_hint(role, spec, sigma)
+        published = PUBLISHED[role].format(noise=f"{float(spec.get('noise_sd') or 0):.2f}")
         raise ConfigError(
             f"{role} checkpoint not found: {path}\n"
-            f"  Either place {PUBLISHED[role]} there (or point {role}.path=... at it),\n"
+            f"  Either place {published} there (or point {role}.path=... at it),\n"
             f"  or train one here: {hint}"
         )
     if role == "denoiser" and sigma is not None:  # before the load: a mismatch costs nothing

@@ -44,7 +44,8 @@ def _optimizers(cfg: dict) -> list[str]:
 def check_resume(cfg: DictConfig, ckpt_path: str) -> dict:
     """Checks `ckpt_path` against the composed config before anything is built. Returns
     {"epochs": epochs done, "in_place": whether the run continues in the checkpoint's own folder,
-    "wandb": the W&B run record or None}. Raises ConfigError / CheckpointError."""
+    "wandb": the W&B run record or None, "finished": no epoch left (allowed for a rejector run
+    with certify=...: its certification resumes)}. Raises ConfigError / CheckpointError."""
     path = Path(str(ckpt_path))
     if not path.exists():
         raise ConfigError(f"ckpt_path={path}: no such file (resume from <run>/checkpoints/last.ckpt)")
@@ -69,11 +70,14 @@ def check_resume(cfg: DictConfig, ckpt_path: str) -> dict:
         raise CheckpointError(f"ckpt_path={path}: {e}") from None
     done = ckpt.epoch
     wanted = int(cfg.optim.epochs)
-    if done >= wanted:
+    finished = done >= wanted
+    if finished and not (new["stage"]["name"] == "rejector" and cfg.certify.systems):
         raise ConfigError(f"ckpt_path={path} has trained {done} epochs already and optim.epochs="
                           f"{wanted}: nothing to resume. Train longer with optim.epochs=<more than "
                           f"{done}> (the last phase continues).")
     run = path.parent.parent
     here = Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else None
+    # a finished rejector run with certify=...: nothing to train, its certification (stopped
+    # before it ended?) resumes from its results files
     return {"epochs": done, "in_place": here is not None and here.resolve() == run.resolve(),
-            "wandb": ckpt.wandb}
+            "wandb": ckpt.wandb, "finished": finished}

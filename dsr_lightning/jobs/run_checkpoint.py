@@ -128,7 +128,10 @@ class RunCheckpoint:
             num_classes=clf.num_classes, feature_channels=clf.feature_channels)
         for name, net in (("classifier", clf), ("denoiser", den), ("rejector", rej)):
             load_state_dict_strict(net, self.part(name), source=f"{self.path} ({name})")
-        return SmoothingSystem(freeze(clf), freeze(den), freeze(rej), threshold=t)
+        # +inf never rejects: the heads need not run (the counts are the same, n_R = 0)
+        heads = None if math.isinf(t) and t > 0 else freeze(rej)
+        return SmoothingSystem(freeze(clf), freeze(den), heads, threshold=t,
+                               num_classes=clf.num_classes)
 
     def load_into(self, module: nn.Module) -> nn.Module:
         """The file's weights into the task that wrote it (strict)."""

@@ -77,8 +77,11 @@ class SweepSummary(Callback):
         print(f"\nsweep {sweep}: {len(jobs)} jobs, {len(jobs) - len(failed)} succeeded, "
               f"{len(failed)} failed", flush=True)
         for rec in failed:
-            first = str(rec.get("error", "")).splitlines()[0] if rec.get("error") else "?"
+            # the error's first line and, for a longer one (a launcher's wrapped trace), its last
+            lines = [ln.strip() for ln in str(rec.get("error", "")).splitlines() if ln.strip()]
+            cause = " ... ".join(dict.fromkeys([lines[0], lines[-1]])) if lines else "(no message)"
+            record = Path(str(rec.get("folder", sweep))) / FAILED
             print(f"  FAILED job {rec.get('job')}: {' '.join(rec.get('overrides', []))}\n"
-                  f"    {rec.get('type', 'Error')}: {first}", flush=True)
+                  f"    {rec.get('type', 'Error')}: {cause}\n    details: {record}", flush=True)
         if failed:
             sys.exit(1)

@@ -4,7 +4,11 @@ after fit."""
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import os
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -14,10 +18,12 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 from dsr_lightning.config import to_dict
 from dsr_lightning.config.schema import MANUAL_KEYS, check_train
-from dsr_lightning.errors import ConfigError
+from dsr_lightning.errors import ConfigError, TrainingError
+from dsr_lightning.jobs.interrupt import stop_on_signals
 from dsr_lightning.jobs.loggers import wandb_run_record
 from dsr_lightning.jobs.networks import build_fresh, load_frozen
 from dsr_lightning.jobs.resume import check_resume
@@ -53,7 +59,7 @@ def build_task(cfg: DictConfig, run_config: dict) -> tuple[pl.LightningModule, P
         export = _export_target(cfg.denoiser.path, cfg.overwrite)
         init = cfg.stage.get("init_from")
         if init:  # fine-tune: the loaded network comes frozen, thaw it
-            den = load_checkpoint(init).requires_grad_(True).train()
+            den = load_checkpoint(init, arch=cfg.denoiser.arch).requires_grad_(True).train()
         else:
             den = build_fresh(cfg.denoiser)
         needs_f = cfg.stage.objective != "mse" or Path(cfg.classifier.path).is_file()
@@ -137,8 +143,15 @@ def _instantiate(group: str, name: str, node: DictConfig, **kwargs):
 def _callbacks(cfg: DictConfig) -> list[Callback]:
     """Every node of the `callbacks` group with a `_target_`, instantiated, plus the epoch timer."""
     nodes = cfg.get("callbacks") or {}
-    out = [_instantiate("callbacks", name, node) for name, node in nodes.items()
-           if isinstance(node, DictConfig) and "_target_" in node]
+    out = []
+    for name, node in nodes.items():
+        if isinstance(node, DictConfig) and "_target_" in node:
+            cb = _instantiate("callbacks", name, node)
+            if not isinstance(cb, Callback):
+                raise ConfigError(f"callbacks.{name}: {node._target_} is not a Lightning "
+                                  "Callback (pytorch_lightning.callbacks.Callback); remove it "
+                                  f"(~callbacks.{name}) or point it at a callback class")
+            out.append(cb)
     return [*out, EpochTime()]
 
 
@@ -179,9 +192,14 @@ def train(cfg: DictConfig) -> dict:
     outputs and, with `certify=...`, the certification of the trained system."""
     check_train(cfg)
     tcfg, manual = _trainer_config(cfg)
+    out = output_dir(cfg)
+    with RunFolderLock(out) if _main_process() else nullcontext():
+        return _train(cfg, tcfg, manual, out)
+
+
+def _train(cfg: DictConfig, tcfg: DictConfig, manual: dict, out: Path) -> dict:
     resumed = check_resume(cfg, cfg.ckpt_path) if cfg.get("ckpt_path") else None
     pl.seed_everything(int(cfg.seed), workers=True)
-    out = output_dir(cfg)
     run_config = to_dict(cfg)
     task, export = build_task(cfg, run_config)
     task.configure_manual_optimization(
@@ -189,25 +207,151 @@ def train(cfg: DictConfig) -> dict:
         clip_algorithm=manual.get("gradient_clip_algorithm"),
         accumulate=int(manual.get("accumulate_grad_batches", 1)))
     datamodule = instantiate(cfg.data)
+    if cfg.stage.name == "rejector" and cfg.rejector.threshold == "auto" \
+            and len(datamodule.dataset("val")) == 0:
+        raise ConfigError("rejector.threshold=auto chooses the threshold on the validation split, "
+                          "which is empty here (data.val_fraction, or a data set this small): "
+                          "set data.val_fraction=0.1 (or more images), or a numeric "
+                          "rejector.threshold=<logit>")
+    if resumed and resumed.get("finished"):
+        return _certify_finished(cfg, task, datamodule, Path(str(cfg.ckpt_path)), out)
     callbacks = _callbacks(cfg)
     best_cb, last_cb = _checkpoints(callbacks, cfg.stage.monitor)
     loggers = _loggers(cfg, resumed)
-    trainer: pl.Trainer = instantiate(tcfg, callbacks=callbacks, logger=loggers or False)
+    trainer: pl.Trainer = instantiate(tcfg, callbacks=callbacks, logger=loggers or False,
+                                      enable_checkpointing=best_cb is not None or last_cb is not None,
+                                      plugins=[AtomicCheckpointIO()])
     wandb_logger = next((lg for lg in trainer.loggers if isinstance(lg, pl.loggers.WandbLogger)),
                         None)
     wandb_runs: list = []
     ok = False
     try:
         if wandb_logger is not None and trainer.is_global_zero:
-            wandb_runs = [wandb_logger.experiment]
+            wandb_runs = [_start_wandb(wandb_logger)]
             task.wandb_record = wandb_run_record(wandb_logger)  # the checkpoints keep the run's id
-        trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-        result = _finish(cfg, task, trainer, best_cb, last_cb, export, out, wandb_runs)
+        with stop_on_signals(lambda what: _stopped(what, cfg, trainer, out)):
+            trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+            result = _finish(cfg, task, trainer, best_cb, last_cb, export, out, wandb_runs)
         ok = True
         return result
     finally:
         for run in wandb_runs:
             run.finish(exit_code=0 if ok else 1)
+
+
+def _certify_finished(cfg: DictConfig, task, datamodule, ckpt_path: Path, out: Path) -> dict:
+    """`ckpt_path=<run>/checkpoints/last.ckpt certify=...` on a run with no epoch left: no
+    training; the threshold is chosen if it never was, and the certification resumes its results
+    files (the rows written before are kept, the images done are skipped)."""
+    from dsr_lightning.jobs.certification import certify_after_fit
+
+    best = ckpt_path.parent / "best.ckpt"
+    target = str(best if best.is_file() else ckpt_path)
+    print(f"train: {ckpt_path} has no epoch left; certifying {target} (certify=...), resuming "
+          "its results files", flush=True)
+    result = {"epochs": RunCheckpoint.read(target, weights=False).epoch, "output_dir": str(out),
+              "best": target if best.is_file() else "", "last": str(ckpt_path),
+              "monitor": cfg.stage.monitor, "best_score": None, "metrics": {}}
+    result.update(_threshold(cfg, task, datamodule, result))
+    result["certification"] = certify_after_fit(cfg, target, out / "results", [])
+    choice = result.get("threshold_choice")
+    result["objective"] = choice["score"] if choice else None
+    return result
+
+
+def _main_process() -> bool:
+    return int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
+
+
+def _start_wandb(logger: pl.loggers.WandbLogger):
+    """The W&B run, started before training: an online run without a key or a network is one
+    clear error now rather than a traceback at the first logged metric."""
+    try:
+        return logger.experiment
+    except Exception as e:  # noqa: BLE001 - wandb raises its own kinds for keys and networks
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ConfigError(f"logger=wandb could not start its run ({type(e).__name__}: {first}). "
+                          "Log in (`wandb login`, or WANDB_API_KEY) and check the network, or run "
+                          "offline: logger.wandb.offline=true (the default; `wandb sync` later)"
+                          ) from None
+
+
+def _overrides() -> list[str]:
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return []
+    return [o for o in HydraConfig.get().overrides.task if not o.startswith("ckpt_path=")]
+
+
+def _stopped(what: str, cfg: DictConfig, trainer: pl.Trainer, out: Path) -> str:
+    """What an interrupted training run says: what is kept, and the command that resumes it."""
+    last = out / "checkpoints" / "last.ckpt"
+    kept = (f"the checkpoints written so far are kept in {last.parent}" if last.is_file()
+            else "no epoch had finished, so no checkpoint was written")
+    hint = (f"resume with: python train.py {' '.join(_overrides())} ckpt_path={last}".replace("  ", " ")
+            if last.is_file() else "start it again")
+    slurm = (" (under SLURM, Lightning requeues the job itself on the signal it is sent before "
+             "the time limit)")
+    return (f"training stopped by {what} at epoch {trainer.current_epoch}; {kept}; {hint}"
+            + (slurm if what == "SIGTERM" and os.environ.get("SLURM_JOB_ID") else ""))
+
+
+class RunFolderLock:
+    """One training process per run folder: an exclusive flock on the folder itself, held for the
+    whole job (a second resume of the same last.ckpt is refused). The OS releases it when the
+    process dies; no file is left to look stale."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self._fd: int | None = None
+
+    def __enter__(self) -> RunFolderLock:
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            probe = self.folder / f".probe{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            raise ConfigError(f"cannot write the run folder {self.folder}: {e.strerror or e}; run "
+                              "from a writable folder, or set hydra.run.dir=<writable folder>"
+                              ) from None
+        fd = os.open(self.folder, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise ConfigError(f"the run folder {self.folder} is in use by another training "
+                              "process (a second resume of the same checkpoint?): one process per "
+                              "run. Wait for it to finish, or resume from a copy in another "
+                              "folder") from None
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, atomic: the checkpoint is written beside its target and
+    renamed over it, so a full disk or a kill mid-save never leaves a truncated last.ckpt in
+    place of a good one; a failed write is one clear error."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(checkpoint, tmp)
+            os.replace(tmp, path)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            what = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+            raise TrainingError(f"cannot save the checkpoint {path}: {what}. The checkpoints saved "
+                                "before are intact; free space (or fix the folder's permissions) "
+                                "and resume from the last one") from None
 
 
 def _finish(cfg, task, trainer, best_cb, last_cb, export, out: Path, wandb_runs: list) -> dict:

@@ -15,6 +15,7 @@ from .engine import (
     ImageNoise,
     SmoothedClassifier,
     check_images,
+    noise_scheme,
     sample_counts,
 )
 from .staged import (
@@ -30,6 +31,7 @@ __all__ = [
     "ABSTAIN", "BOUNDS", "Certificate", "CertifyDetails", "SmoothedClassifier", "certify_counts",
     "certify_details", "check_alpha", "check_bound", "check_counts", "check_positive",
     "check_positive_int", "cp_lower", "cp_upper", "predict_counts", "sample_counts",
-    "ImageNoise", "NOISE_BLOCK", "StagedCertificate", "certify_staged", "check_images", "check_stages",
+    "ImageNoise", "NOISE_BLOCK", "noise_scheme", "StagedCertificate", "certify_staged",
+    "check_images", "check_stages",
     "choose_threshold", "collect_draws", "default_weights", "staged_look",
 ]

@@ -31,24 +31,39 @@ NOISE_BLOCK = 256  # draws per seeded block of ImageNoise
 
 
 def _block_seed(seed: int, key: int, block: int) -> int:
-    """A 63-bit generator seed for block `block` of image `key` under `seed` (a hash: distinct
-    triples give unrelated streams)."""
+    """A 63-bit generator seed for block `block` of image `key` under `seed` (CUDA's Philox
+    generator takes all of it)."""
     digest = hashlib.blake2b(struct.pack("<qqq", seed, key, block), digest_size=8).digest()
     return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
+def noise_scheme(device_type: str) -> str:
+    """The name of the noise streams on a device (results files record it: a file is only
+    extended under the same streams). CUDA: torch's Philox seeded from a 63-bit hash of
+    (seed, image, block); elsewhere: NumPy's Philox4x64 with the key `seed` and the counter
+    (0, 0, block, image), distinct for every (seed, image, block) by construction (torch's CPU
+    generator keeps only 32 bits of a seed, so hashed seeds could repeat blocks there)."""
+    if device_type == "cuda":
+        return f"image-blocks/{NOISE_BLOCK}/v1"
+    return f"image-blocks/{NOISE_BLOCK}/philox-v2"
+
+
 class ImageNoise:
     """Counter-based noise, one stream per image: draw k of image b is row k mod G of block
-    k // G (G = `block`), drawn by a generator seeded with (seed, keys[b], k // G). An image's
+    k // G (G = `block`), a function of (seed, keys[b], k // G) alone (noise_scheme). An image's
     draws therefore depend on its key (e.g. its index in the data set) and the seed only, not on
-    the images it is certified with, the chunk size, a shard, or where a killed run resumed; on
-    CUDA as on the CPU. `pos[b]` counts the draws image b has taken; sample_counts advances it."""
+    the images it is certified with, the chunk size, a shard, or where a killed run resumed.
+    `pos[b]` counts the draws image b has taken; sample_counts advances it. Seeds and keys are
+    integers in [0, 2**63)."""
 
     def __init__(self, seed: int, keys: Sequence[int], block: int = NOISE_BLOCK):
         self.seed, self.keys = int(seed), [int(k) for k in keys]
+        if self.seed < 0 or any(k < 0 for k in self.keys):
+            raise ValueError("ImageNoise: seed and keys must be integers >= 0")
         self.block = check_positive_int("block", block)
         self.pos = np.zeros(len(self.keys), dtype=np.int64)
         self._gens: dict[str, torch.Generator] = {}
+        self._philox: np.random.Philox | None = None
         self._last: tuple | None = None  # (key, block index, device, dtype, shape) -> rows
 
     def __len__(self) -> int:
@@ -60,15 +75,32 @@ class ImageNoise:
         sub.pos = self.pos[np.asarray(idx, dtype=np.int64)].copy()
         return sub
 
+    def _philox_rows(self, key: int, j: int, shape, dtype) -> torch.Tensor:
+        """Block j of image `key` from Philox4x64 (key = seed, counter = (0, 0, j, key))."""
+        if self._philox is None:
+            self._philox = np.random.Philox(key=self.seed)
+            self._state = self._philox.state
+            self._numpy = np.random.Generator(self._philox)
+        state = self._state
+        state["state"]["counter"] = np.array([0, 0, j, key], dtype=np.uint64)
+        state["buffer_pos"], state["has_uint32"], state["uinteger"] = 4, 0, 0
+        self._philox.state = state
+        np_dtype = np.float64 if dtype == torch.float64 else np.float32
+        rows = self._numpy.standard_normal((self.block, *shape), dtype=np_dtype)
+        return torch.from_numpy(rows)
+
     def _rows(self, key: int, j: int, shape, device, dtype) -> torch.Tensor:
         tag = (key, j, str(device), dtype, tuple(shape))
         if self._last is not None and self._last[0] == tag:
             return self._last[1]  # the block a chunk boundary split: drawn once
-        gen = self._gens.get(str(device))
-        if gen is None:
-            gen = self._gens[str(device)] = torch.Generator(device=device)
-        gen.manual_seed(_block_seed(self.seed, key, j))
-        rows = torch.randn((self.block, *shape), generator=gen, device=device, dtype=dtype)
+        if torch.device(device).type == "cuda":
+            gen = self._gens.get(str(device))
+            if gen is None:
+                gen = self._gens[str(device)] = torch.Generator(device=device)
+            gen.manual_seed(_block_seed(self.seed, key, j))
+            rows = torch.randn((self.block, *shape), generator=gen, device=device, dtype=dtype)
+        else:
+            rows = self._philox_rows(key, j, shape, dtype).to(device=device, dtype=dtype)
         self._last = (tag, rows)
         return rows
 

@@ -14,6 +14,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from dsr_lightning.errors import TrainingError
+from dsr_lightning.models import non_finite_keys
 
 CLIP_ALGORITHMS = ("norm", "value")
 
@@ -139,6 +140,19 @@ class FrozenAwareModule(pl.LightningModule):
             scheds[self._sched_index[i]].step()
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # parameters and buffers (e.g. BatchNorm statistics fed by overflowing features can turn
+        # Inf while the loss stays finite): a non-finite checkpoint is never written
+        if bad := non_finite_keys(checkpoint["state_dict"]):
+            trained = [k for k in bad if k.split(".")[0] not in self.frozen]
+            where = ("the network being trained" if trained else
+                     f"the frozen {bad[0].split('.')[0]}")
+            raise TrainingError(
+                f"non-finite values in {len(bad)} tensor(s) of {where} at epoch "
+                f"{self.current_epoch}, step {self.global_step} (e.g. {', '.join(bad[:3])}): the "
+                "run diverged though its loss stayed finite. Training stopped before saving; the "
+                "checkpoints of earlier epochs are kept. "
+                + (self.TRAINED_HINT + "; or the frozen networks' outputs overflow: check their "
+                   "checkpoints" if trained else "Check the frozen network's checkpoint."))
         checkpoint["dsr_config"] = self.run_config
         if self.wandb_record:
             checkpoint["dsr_wandb"] = self.wandb_record  # a resume or certify.py joins the run

@@ -1,0 +1,32 @@
+"""What a job prints: our progress and results. Third-party lines that say nothing to our users are
+silenced where they come from (a logging filter on Lightning's info logger, warning filters by
+message); every other warning is kept."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+# Lightning's advertisements for its cloud products (rank_zero_info, once per Trainer)
+_ADVERTS = ("💡 Tip:",)
+_WARNINGS = (
+    # Lightning's own pytree helper calling a deprecated torch API: nothing a user can change
+    r".*isinstance\(treespec, LeafSpec\)` is deprecated",
+    # f and D are frozen, in eval mode by design (DESIGN §3); Lightning warns about any such module
+    r"Found \d+ module\(s\) in eval mode at the start of training",
+)
+
+
+class _DropAdverts(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).startswith(_ADVERTS)
+
+
+def quiet_third_party() -> None:
+    """Install the filters (idempotent)."""
+    for name in ("pytorch_lightning.utilities.rank_zero", "lightning.pytorch.utilities.rank_zero"):
+        log = logging.getLogger(name)
+        if not any(isinstance(f, _DropAdverts) for f in log.filters):
+            log.addFilter(_DropAdverts())
+    for message in _WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
