@@ -45,9 +45,15 @@ PREDICT_COLUMNS = ["idx", "label", "predict", "correct", "time", "n_A", "n_R", "
 # mode=staged: the certificate of the stopping look (N its cumulative draws), that look's index,
 # the draws spent (N0 + N), the target radius and whether the certificate reaches it
 STAGED_COLUMNS = CERTIFY_COLUMNS + ["stage", "draws", "target_radius", "certified_at_target"]
-COLUMNS = {"certify": CERTIFY_COLUMNS, "predict": PREDICT_COLUMNS, "staged": STAGED_COLUMNS}
+# mode=attack: the clean certificate (predict radius correct), Algorithm 1 at x and at the
+# attacked point x', whether the latter is right (0 on abstain), ‖x' − x‖₂ and the attack's ε
+ATTACK_COLUMNS = REFERENCE_COLUMNS + [
+    "clean_predict", "attacked_predict", "attacked_correct", "perturbation_norm", "epsilon"]
+COLUMNS = {"certify": CERTIFY_COLUMNS, "predict": PREDICT_COLUMNS, "staged": STAGED_COLUMNS,
+           "attack": ATTACK_COLUMNS}
 INT_COLUMNS = {"idx", "label", "predict", "correct", "n_A", "n_R", "n_B", "N", "c_hat", "stage",
-               "draws", "certified_at_target"}
+               "draws", "certified_at_target", "clean_predict", "attacked_predict",
+               "attacked_correct"}
 REQUIRED_COLUMNS = ("idx", "label", "predict", "radius", "correct")  # what reports need
 
 # Everything that changes the numbers of a row: a file is only extended under the same values.
@@ -55,7 +61,8 @@ REQUIRED_COLUMNS = ("idx", "label", "predict", "radius", "correct")  # what repo
 IDENTITY_KEYS = ("format", "mode", "system", "sigma", "N0", "N", "alpha", "bound", "split", "seed",
                  "noise", "device", "bf16", "channels_last", "compile", "data",
                  "classifier_sha256", "denoiser_sha256", "rejector_sha256", "threshold", "radius",
-                 "stages", "stage_weights")
+                 "stages", "stage_weights", "attack", "attack_steps", "attack_draws",
+                 "attack_step_size")
 
 
 def settings_path(path: str | Path) -> Path:

@@ -121,6 +121,10 @@ class CertifySettings:
     radius: float | None = None
     stages: list[int] = field(default_factory=lambda: [100, 1000, 10_000])
     stage_weights: list[float] | None = None
+    # mode=attack: PGD on the smoothed classifier within the L2 ball of `radius` (DESIGN §13)
+    attack_steps: int = 10     # normalised-gradient ascent steps
+    attack_draws: int = 32     # noise draws per step (fresh each step)
+    attack_step_size: float | None = None  # null: 2.5 * radius / attack_steps
     radii: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])  # reports
 
 
@@ -178,6 +182,9 @@ class CertifyConfig(CommonConfig):
     radius: float | None = II("certify.radius")
     stages: list[int] = II("certify.stages")
     stage_weights: list[float] | None = II("certify.stage_weights")
+    attack_steps: int = II("certify.attack_steps")
+    attack_draws: int = II("certify.attack_draws")
+    attack_step_size: float | None = II("certify.attack_step_size")
     bound: str = MISSING
     outdir: str = "results"
     outfile: str = MISSING
@@ -283,6 +290,16 @@ def check_certify_settings(c, prefix: str = "") -> None:
     _choice(f"{prefix}split", c.split, SPLITS)
     if c.bound is not None:
         _choice(f"{prefix}bound", c.bound, BOUNDS)
+    _int(f"{prefix}attack_steps", c.attack_steps, what=" (PGD steps of mode=attack)")
+    _int(f"{prefix}attack_draws", c.attack_draws, what=" (noise draws per PGD step of mode=attack)")
+    if c.attack_step_size is not None:
+        _real(f"{prefix}attack_step_size", c.attack_step_size, low=0,
+              what=" (the L2 length of a PGD step; null: 2.5 * radius / attack_steps)")
+    if c.mode == "attack":
+        if c.radius is None:
+            raise ConfigError(f"{prefix}mode=attack attacks within an L2 ball: set {prefix}radius=<ε> "
+                              "(pixel units of [0,1] images, like sigma)")
+        _real(f"{prefix}radius", c.radius, low=0, what=" (the attack's ε)")
     if c.mode == "staged":
         if c.radius is None:
             raise ConfigError(f"{prefix}mode=staged certifies at one target radius: set "
@@ -349,7 +366,7 @@ def check_train(cfg: DictConfig) -> None:
         check_certify_settings(cfg.certify, "certify.")
         if cfg.certify.mode != "certify":
             raise ConfigError(f"certify.mode={cfg.certify.mode}: the training job certifies with "
-                              "mode=certify; run certify.py for predict or staged")
+                              "mode=certify; run certify.py for predict, staged or attack")
 
 
 def check_certify(cfg: DictConfig) -> None:

@@ -23,7 +23,7 @@ from dsr_lightning.jobs.networks import load_frozen
 from dsr_lightning.jobs.run_checkpoint import RunCheckpoint
 from dsr_lightning.models import SmoothingSystem
 from dsr_lightning.results import FORMAT, ResultsFile, WriterLock
-from dsr_lightning.smoothing import check_stages, noise_scheme
+from dsr_lightning.smoothing import check_stages, default_step_size, noise_scheme
 from dsr_lightning.tasks import CertificationModule, CertificationSpec, RowWriter
 
 
@@ -37,7 +37,7 @@ def sha256_of(path: str | Path) -> str:
 
 def spec_of(cfg: DictConfig) -> CertificationSpec:
     """The certification asked for by a (checked) certify.py config, built once."""
-    staged = cfg.mode == "staged"
+    staged, attack = cfg.mode == "staged", cfg.mode == "attack"
     stages, weights = (check_stages(list(cfg.stages), None if cfg.stage_weights is None
                                     else list(cfg.stage_weights)) if staged else ((), ()))
     return CertificationSpec(
@@ -47,8 +47,13 @@ def spec_of(cfg: DictConfig) -> CertificationSpec:
         images_per_step=int(cfg.images_per_step), bf16=bool(cfg.bf16),
         channels_last=bool(cfg.channels_last), compile=bool(cfg.compile),
         allow_out_of_range=bool(cfg.get("allow_out_of_range", False)),
-        radius=float(cfg.radius) if staged else None, stages=tuple(int(s) for s in stages),
-        stage_weights=tuple(float(w) for w in weights))
+        radius=float(cfg.radius) if staged or attack else None,
+        stages=tuple(int(s) for s in stages), stage_weights=tuple(float(w) for w in weights),
+        attack_steps=int(cfg.attack_steps) if attack else None,
+        attack_draws=int(cfg.attack_draws) if attack else None,
+        attack_step_size=(None if not attack else
+                          default_step_size(cfg.radius, cfg.attack_steps)
+                          if cfg.attack_step_size is None else float(cfg.attack_step_size)))
 
 
 def build_system(cfg: DictConfig) -> tuple[SmoothingSystem, dict]:
@@ -90,7 +95,7 @@ def settings_of(spec: CertificationSpec, system: str, sources: dict, data: dict,
                 device: torch.device) -> dict:
     """The settings record of a results file: results.IDENTITY_KEYS, then what else the numbers
     depend on (the versions, the device model) and a description."""
-    staged = spec.mode == "staged"
+    staged, attack = spec.mode == "staged", spec.mode == "attack"
     return {"format": FORMAT, "mode": spec.mode, "system": system, "sigma": spec.sigma,
             "N0": spec.N0, "N": spec.N, "alpha": spec.alpha, "bound": spec.bound,
             "split": spec.split, "seed": spec.seed, "noise": noise_scheme(device.type),
@@ -101,6 +106,10 @@ def settings_of(spec: CertificationSpec, system: str, sources: dict, data: dict,
             # mode=staged only (absent, i.e. None, in the other modes' records)
             **({"radius": spec.radius, "stages": list(spec.stages),
                 "stage_weights": list(spec.stage_weights)} if staged else {}),
+            # mode=attack only: ε (radius) and the attack (the step size resolved)
+            **({"radius": spec.radius, "attack_steps": spec.attack_steps,
+                "attack_draws": spec.attack_draws, "attack_step_size": spec.attack_step_size,
+                "attack": "smoothadv-l2/keep-weighted/v1"} if attack else {}),
             "versions": {"dsr_lightning": dsr_lightning.__version__, "torch": torch.__version__,
                          "device_model": _device_model(device)}}
 
@@ -199,6 +208,12 @@ def certify(cfg: DictConfig) -> dict:
                    acc={float(r): float(frame[f"acc@{r:g}"].iloc[0]) for r in cfg.certify.radii})
         if cfg.get("logger") and cfg.logger.get("wandb"):
             out["wandb_run"] = log_certify_run(cfg, out)
+    if main and spec.mode == "attack":
+        from dsr_lightning.reports.attack import attack_summary, format_summary
+        from dsr_lightning.results import read_table
+
+        out["attack"] = attack_summary(read_table(results.path), results.settings)
+        print(format_summary(out["attack"]), flush=True)
     return out
 
 

@@ -73,6 +73,25 @@ class SmoothingSystem(nn.Module):
         return dict(denoised=z, logits=logits, pred=pred, head_logits=head_logits, reject=reject,
                     label=label)
 
+    def soft_scores(self, noisy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The differentiable counterpart of `forward`, for attacks on g_R: noisy (B, C, H, W) ->
+        (softmax of f(D(noisy)) (B, K) float32, keep weight (B,) float32). The keep weight is
+        1 − sigmoid(head_logit[f(z)] − threshold) (1 without a rejector): a soft "this draw is
+        not rejected". Gradient flows to `noisy` through D, f and the rejector (the rejector sees
+        f's stage features detached, as in training, so its gradient reaches noisy through D).
+        The networks stay as they are: call it with torch.autograd.grad with respect to the input
+        (the frozen parameters get no .grad)."""
+        z = noisy if self.denoiser is None else self.denoiser(noisy)  # (B, C, H, W)
+        if self.rejector is None:
+            logits = self.classifier(z)  # (B, K)
+            keep = torch.ones(len(z), device=z.device, dtype=torch.float32)
+        else:
+            logits, feats = self.classifier.forward_features(z)
+            head = self.rejector(z, feats).float()  # (B, K)
+            pred = logits.detach().argmax(1)  # (B,) the draw's prediction (not differentiable)
+            keep = torch.sigmoid(self.threshold - head.gather(1, pred[:, None]).squeeze(1))
+        return logits.float().softmax(1), keep
+
     def forward(self, noisy: torch.Tensor) -> torch.Tensor:
         """noisy: (B, C, H, W) -> labels (B,) long in {0..K}, K meaning reject."""
         return self.outputs(noisy)["label"]

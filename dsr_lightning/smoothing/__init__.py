@@ -1,4 +1,12 @@
 """Statistics and Monte Carlo engine of the smoothed classifier with rejection (no Lightning)."""
+from .attack import (
+    ATTACK_KEY_OFFSET,
+    attack_noise,
+    default_step_size,
+    pgd_attack,
+    smoothed_loss,
+    smoothed_true_prob,
+)
 from .bounds import cp_lower, cp_upper
 from .certificates import ABSTAIN, CertifyDetails, certify_counts, certify_details, predict_counts
 from .checks import (
@@ -28,6 +36,8 @@ from .staged import (
 from .threshold import choose_threshold, collect_draws
 
 __all__ = [
+    "ATTACK_KEY_OFFSET", "attack_noise", "default_step_size", "pgd_attack", "smoothed_loss",
+    "smoothed_true_prob",
     "ABSTAIN", "BOUNDS", "Certificate", "CertifyDetails", "SmoothedClassifier", "certify_counts",
     "certify_details", "check_alpha", "check_bound", "check_counts", "check_positive",
     "check_positive_int", "cp_lower", "cp_upper", "predict_counts", "sample_counts",

@@ -19,12 +19,14 @@ from dsr_lightning.smoothing import (
     ABSTAIN,
     ImageNoise,
     SmoothedClassifier,
+    attack_noise,
     certify_details,
     certify_staged,
+    pgd_attack,
     predict_counts,
 )
 
-MODES = ("certify", "predict", "staged")
+MODES = ("certify", "predict", "staged", "attack")
 
 
 @dataclass(frozen=True)
@@ -32,7 +34,7 @@ class CertificationSpec:
     """Everything a certification run is asked for, built once from the config (jobs.certification
     .spec_of): it feeds the predict module, the results file's settings record and its columns."""
 
-    mode: str                  # certify | predict | staged (MODES)
+    mode: str                  # certify | predict | staged | attack (MODES)
     sigma: float
     N0: int
     N: int
@@ -48,9 +50,12 @@ class CertificationSpec:
     channels_last: bool = False
     compile: bool = False
     allow_out_of_range: bool = False
-    radius: float | None = None        # mode=staged: the target radius
+    radius: float | None = None        # mode=staged: the target radius; mode=attack: ε
     stages: tuple[int, ...] = ()       # mode=staged: cumulative draws per look
     stage_weights: tuple[float, ...] = ()  # mode=staged: the share of α of each look (resolved)
+    attack_steps: int | None = None    # mode=attack: PGD steps
+    attack_draws: int | None = None    # mode=attack: noise draws per step
+    attack_step_size: float | None = None  # mode=attack: the step's L2 length (resolved)
 
     @property
     def columns(self) -> list[str]:
@@ -111,6 +116,7 @@ class CertificationModule(pl.LightningModule):
                  todo: list[int]):
         super().__init__()
         self.spec, self.dataset, self.todo = spec, dataset, todo
+        self.system = system  # mode=attack: its soft_scores (with gradient), uncompiled
         self.base = AcceleratedSystem(system, spec.bf16, spec.channels_last, spec.compile)
         self.smoothed = SmoothedClassifier(self.base, self.base.num_classes, spec.sigma,
                                            spec.allow_out_of_range)
@@ -140,6 +146,9 @@ class CertificationModule(pl.LightningModule):
             cols = {**cert.columns(), "target_radius": np.full(len(idx), cert.target),
                     "certified_at_target": cert.certified.astype(np.int64)}
             pred = cols["prediction"]
+        elif spec.mode == "attack":
+            cols = self._attack(x, y, idx, noise)
+            pred = cols["prediction"]
         else:
             counts = self.smoothed.counts(x, spec.N, spec.batch, noise=noise)  # (B, K+1)
             pred = predict_counts(counts, spec.alpha)
@@ -156,11 +165,48 @@ class CertificationModule(pl.LightningModule):
             if "radius" in cols:
                 row["radius"] = float(cols["radius"][i])
             for k in ("n_A", "n_R", "n_B", "N", "pA_lower", "pAR_lower", "pB_upper", "c_hat",
-                      "stage", "draws", "target_radius", "certified_at_target"):
+                      "stage", "draws", "target_radius", "certified_at_target",
+                      "clean_predict", "attacked_predict", "attacked_correct",
+                      "perturbation_norm", "epsilon"):
                 if k in cols:
                     row[k] = cols[k][i]
             rows.append(row)
         return rows
+
+    def _soft_scores(self, noisy: torch.Tensor):
+        if self.spec.channels_last:
+            noisy = noisy.contiguous(memory_format=torch.channels_last)
+        ctx = (torch.autocast(noisy.device.type, dtype=torch.bfloat16) if self.spec.bf16
+               else nullcontext())
+        with ctx:
+            return self.system.soft_scores(noisy)
+
+    def _attack(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor,
+                noise: ImageNoise) -> dict:
+        """mode=attack (DESIGN §13): the clean certificate (N0 + N draws of each image's stream,
+        as mode=certify), then PGD on g_R within the ε ball (its own streams), then Algorithm 1
+        with the same N further draws of the image's stream at x and at x' (paired: each is
+        Algorithm 1 with draws independent of the point, and the two differ only by the point)."""
+        spec, keys = self.spec, idx.tolist()
+        cert = self.smoothed.certify(x, spec.N0, spec.N, spec.alpha, spec.batch, spec.bound,
+                                     noise=noise)
+        x_adv = pgd_attack(self._soft_scores, x, y, spec.sigma, spec.radius, spec.attack_steps,
+                           spec.attack_draws, spec.attack_step_size,
+                           noise=attack_noise(spec.seed, keys),
+                           images_per_pass=max(1, spec.batch // spec.attack_draws))
+        pos = noise.pos.copy()  # after the certificate's draws
+        clean = predict_counts(self.smoothed.counts(x, spec.N, spec.batch, noise=noise),
+                               spec.alpha)
+        noise.pos = pos  # the same draws at x'
+        attacked = predict_counts(self.smoothed.counts(x_adv, spec.N, spec.batch, noise=noise),
+                                  spec.alpha)
+        labels = y.cpu().numpy()
+        norm = (x_adv - x).reshape(len(x), -1).norm(dim=1).cpu().numpy().astype(np.float64)
+        return {"prediction": cert.prediction, "radius": cert.radius, "clean_predict": clean,
+                "attacked_predict": attacked,
+                # never an attacked prediction for an abstaining image: -1 is not a label
+                "attacked_correct": ((attacked != ABSTAIN) & (attacked == labels)).astype(np.int64),
+                "perturbation_norm": norm, "epsilon": np.full(len(x), spec.radius)}
 
 
 class RowWriter(BasePredictionWriter):
@@ -179,8 +225,11 @@ class RowWriter(BasePredictionWriter):
             for r in prediction:
                 rad = f" radius {r['radius']:.3f}" if "radius" in r else ""
                 nr = f" n_R {r['n_R']}" if "n_R" in r else ""
+                counts = f"  n_A {r.get('n_A', '')}{nr}" if "n_A" in r else ""
+                adv = (f"  attacked {r['attacked_predict']:>2} (|δ| {r['perturbation_norm']:.3f})"
+                       if "attacked_predict" in r else "")
                 print(f"[certify] idx {r['idx']:>5}  label {r['label']}  predict {r['predict']:>2}"
-                      f"{rad}  correct {r['correct']}  n_A {r.get('n_A', '')}{nr}  "
+                      f"{rad}  correct {r['correct']}{counts}{adv}  "
                       f"{r['time']:.2f}s/img", flush=True)
 
     def on_predict_end(self, trainer, pl_module):
