@@ -9,7 +9,6 @@ import pandas as pd
 import pytest
 from matplotlib.image import imread
 
-from dsr_lightning.results import read_settings
 from dsr_lightning.reports import (
     abstain_rate,
     average_certified_radius,
@@ -28,6 +27,7 @@ from dsr_lightning.reports import (
     summary_table,
     write_report,
 )
+from dsr_lightning.results import read_settings
 
 HEADER = "idx label predict radius correct time n_A n_R n_B N pA_lower pAR_lower pB_upper c_hat"
 # rejection system, N = 1000. Correct with radii 0.1 0.3 0.6 1.2; two abstain; two wrong with r > 0.

@@ -22,16 +22,16 @@ from pathlib import Path
 from dsr_lightning.errors import ResultsError
 from dsr_lightning.results import IDENTITY_KEYS, read_settings, read_table
 
-from .compare import comparison_markdown, compare, pair_rejection_with_baseline
+from .compare import compare, comparison_markdown, pair_rejection_with_baseline
 from .per_class import per_class_markdown
 from .plots import plot_certified_accuracy, plot_count_histogram, plot_panels, plot_T_ablation
 from .sweep import (
+    epoch_times,
     failure_line,
     failures_summary,
     find_failures,
     find_results,
     find_runs,
-    epoch_times,
     times_table,
 )
 from .tables import (
