@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -277,13 +278,15 @@ def test_sweep_report_by_hand(tmp_path, capsys):
     rep = sweep / "report"
     table = [ln for ln in out.splitlines() if ln.startswith("| 0.25 |") or ln.startswith("| 0.5 |")
              or ln.startswith("| – |")]
-    assert table == [
-        "| – | – | – | – | – | 50.0 | 50.0 | 25.0 | 0.225 | 4 |",
-        "| – | – | – | – | – | 100.0 | 100.0 | 100.0 | 0.500 | 4 |",
-        "| 0.25 | – | dncnn | mse_obj | denoised | 75.0 | 25.0 | 25.0 | 0.300 | 4 |",
-        "| 0.25 | 1 | dncnn | mse_obj | rejection | 50.0 | 50.0 | 25.0 | 0.225 | 4 |",
-        "| 0.25 | 2 | dncnn | mse_obj | rejection | 75.0 | 25.0 | 25.0 | 0.300 | 4 |",
-        "| 0.5 | 2 | dncnn | mse_obj | rejection | 100.0 | 100.0 | 100.0 | 0.500 | 4 |",
+    # the numbers by hand; each also carries its 95 % interval (e.g. 2 of 4: [6.8, 93.2])
+    assert "| 50.0 [6.8, 93.2] |" in table[0]
+    assert [re.sub(r" \[[^]]*\]", "", ln) for ln in table] == [
+        "| – | – | – | – | – | 50.0 | 50.0 | 25.0 | 0.225 | 4 | 25.0 |",
+        "| – | – | – | – | – | 100.0 | 100.0 | 100.0 | 0.500 | 4 | 0.0 |",
+        "| 0.25 | – | dncnn | mse_obj | denoised | 75.0 | 25.0 | 25.0 | 0.300 | 4 | 25.0 |",
+        "| 0.25 | 1 | dncnn | mse_obj | rejection | 50.0 | 50.0 | 25.0 | 0.225 | 4 | 25.0 |",
+        "| 0.25 | 2 | dncnn | mse_obj | rejection | 75.0 | 25.0 | 25.0 | 0.300 | 4 | 25.0 |",
+        "| 0.5 | 2 | dncnn | mse_obj | rejection | 100.0 | 100.0 | 100.0 | 0.500 | 4 | 0.0 |",
     ]
     assert "| rejector | dncnn | mse_obj | 0.25 | 1 | 2 | 12.0 |" in out  # Table 1
     md = (rep / "report.md").read_text()

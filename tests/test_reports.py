@@ -18,7 +18,6 @@ from dsr_lightning.reports import (
     count_histogram,
     default_radii,
     load_results,
-    load_settings,
     log_to_wandb,
     main,
     plot_certified_accuracy,
@@ -28,6 +27,7 @@ from dsr_lightning.reports import (
     summary_table,
     write_report,
 )
+from dsr_lightning.results import read_settings
 
 HEADER = "idx label predict radius correct time n_A n_R n_B N pA_lower pAR_lower pB_upper c_hat"
 # rejection system, N = 1000. Correct with radii 0.1 0.3 0.6 1.2; two abstain; two wrong with r > 0.
@@ -55,11 +55,16 @@ PLAIN_ROWS = [
 #              abstain 2/8 = 25.0 %; reject = (0+100+300+50+600+0+200+150)/8/1000 = 17.5 %.
 #   plain:     2/4 = 50.0 | {0.5} 25.0 | 0.5 >= 0.5 counts: 25.0 | 0.0 | 0.0 | 0.0;
 #              ACR = (0.2+0.5)/4 = 0.175; abstain 25.0 %; reject 0.0 %.
+# Each certified accuracy carries its 95 % Clopper-Pearson interval over the images (e.g. 4 of 8:
+# [beta.ppf(0.025, 4, 5), beta.ppf(0.975, 5, 4)] = [15.7, 84.3] %; tests/test_reports_evidence.py
+# checks the bounds against scipy), the ACR its seeded percentile bootstrap interval.
 EXPECTED_TABLE = """\
 | system | r=0 | r=0.25 | r=0.5 | r=0.75 | r=1 | r=1.25 | ACR | images | abstain % | reject % |
 |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|
-| rejection σ=0.25 (paper) | 50.0 | 37.5 | 25.0 | 12.5 | 12.5 | 0.0 | 0.275 | 8 | 25.0 | 17.5 |
-| plain σ=0.25 | 50.0 | 25.0 | 25.0 | 0.0 | 0.0 | 0.0 | 0.175 | 4 | 25.0 | 0.0 |
+| rejection σ=0.25 (paper) | 50.0 [15.7, 84.3] | 37.5 [8.5, 75.5] | 25.0 [3.2, 65.1] \
+| 12.5 [0.3, 52.7] | 12.5 [0.3, 52.7] | 0.0 [0.0, 36.9] | 0.275 [0.037, 0.600] | 8 | 25.0 | 17.5 |
+| plain σ=0.25 | 50.0 [6.8, 93.2] | 25.0 [0.6, 80.6] | 25.0 [0.6, 80.6] | 0.0 [0.0, 60.2] \
+| 0.0 [0.0, 60.2] | 0.0 [0.0, 60.2] | 0.175 [0.000, 0.375] | 4 | 25.0 | 0.0 |
 """
 
 
@@ -89,7 +94,7 @@ def test_load_matches_reference_reader(files):
     ref = pd.read_csv(rej, sep="\t")  # how Cohen et al.'s analysis scripts read it
     pd.testing.assert_frame_equal(df, ref)
     assert list(df.columns[:6]) == ["idx", "label", "predict", "radius", "correct", "time"]
-    assert load_settings(rej)["bound"] == "paper" and load_settings(rej.parent / "x.tsv") == {}
+    assert read_settings(rej)["bound"] == "paper" and read_settings(rej.parent / "x.tsv") == {}
 
 
 def test_numbers_by_hand(files):
@@ -124,8 +129,8 @@ def test_summary_table_radii_and_labels(files):
     assert table.splitlines() == [
         "| system | r=0.5 | ACR | images | abstain % | reject % |",
         "|---|---:|---:|---:|---:|---:|",
-        "| ours | 25.0 | 0.275 | 8 | 25.0 | 17.5 |",
-        "| a\\|b | 25.0 | 0.175 | 4 | 25.0 | 0.0 |",
+        "| ours | 25.0 [3.2, 65.1] | 0.275 [0.037, 0.600] | 8 | 25.0 | 17.5 |",
+        "| a\\|b | 25.0 [0.6, 80.6] | 0.175 [0.000, 0.375] | 4 | 25.0 | 0.0 |",
     ]
     with pytest.raises(ValueError, match="1 labels for 2 files"):
         summary_table(files, labels=["x"])
@@ -165,7 +170,7 @@ def test_bad_files(tmp_path):
         load_results(text)
     (tmp_path / "j.tsv.json").write_text("{oops")
     with pytest.raises(ValueError, match="j.tsv.json: the settings record is corrupt"):
-        load_settings(tmp_path / "j.tsv")
+        read_settings(tmp_path / "j.tsv")
     # header only: zero rows, a table row of dashes, no crash
     head = write_tsv(tmp_path / "head.tsv", [])
     assert len(load_results(head)) == 0
@@ -227,7 +232,8 @@ def test_cli_options(files, tmp_path, capsys):
     code = main([str(files[1]), "--out", str(tmp_path / "o"), "--labels", "base",
                  "--radii", "0", "0.5"])
     assert code == 0
-    assert "| base | 50.0 | 25.0 | 0.175 | 4 | 25.0 |" in capsys.readouterr().out
+    assert ("| base | 50.0 [6.8, 93.2] | 25.0 [0.6, 80.6] | 0.175 [0.000, 0.375] | 4 | 25.0 |"
+            in capsys.readouterr().out)
     assert not (tmp_path / "o" / "counts_plain.png").exists()
 
 

@@ -1,25 +1,21 @@
-"""The report of a whole sweep (or any folder of runs): every results file below a folder, a table
-by setting (σ, T, denoiser, objective, system), one panel per σ with the systems as curves (the
-paper's Fig. 4/5/7/8), certified accuracy against T when T varies (Fig. 9), and the training time
-per epoch of the rejectors beside the denoisers' (Table 1), from the runs' own logs. Labels come
-from the settings records (and, without one, from the whole file name, never its stem)."""
+"""What a folder of runs (a sweep, an outputs folder) holds besides its table: every results file
+below it, the training runs' time per epoch (the paper's Table 1, from the runs' own logs), and the
+jobs that failed (`FAILED.json`, written by dsr_lightning.jobs.sweeps). The table by setting and
+the figures are the report's own (tables.markdown_table(grouped=True), plots.plot_panels)."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
 import pandas as pd
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
 from dsr_lightning.results import REQUIRED_COLUMNS
 
-from .plots import certified_accuracy_curve
-from .tables import certified_accuracy, load_settings
-
 SKIP_SUFFIXES = (".json", ".lock", ".ckpt", ".png", ".md", ".yaml", ".log", ".csv", ".pth", ".tar",
                  ".npz", ".txt", ".pt")
+FAILED = "FAILED.json"  # a failed sweep job's record (dsr_lightning.jobs.sweeps.FAILED)
 
 
 def find_results(folder: str | Path) -> list[Path]:
@@ -43,122 +39,35 @@ def find_results(folder: str | Path) -> list[Path]:
     return out
 
 
-def describe(path: Path, settings: dict) -> dict:
-    """σ, T, denoiser, objective and system of a results file, from its settings record."""
-    run = settings.get("run") or {}
-    system = settings.get("system")
-    return {"sigma": settings.get("sigma"), "T": run.get("T"), "denoiser": run.get("denoiser"),
-            "objective": run.get("objective"), "system": system,
-            "bound": settings.get("bound"), "threshold": settings.get("threshold"),
-            "N": settings.get("N"), "mode": settings.get("mode"), "file": str(path)}
+def find_failures(folder: str | Path) -> list[dict]:
+    """Every failed sweep job below `folder`: its FAILED.json record (job, overrides, error, type,
+    folder), in job order; an unreadable record is one entry saying so."""
+    recs = []
+    for p in sorted(Path(folder).rglob(FAILED)):
+        try:
+            rec = json.loads(p.read_text())
+            if not isinstance(rec, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError, UnicodeDecodeError) as e:
+            rec = {"job": "?", "overrides": [], "error": f"unreadable failure record ({e})",
+                   "type": "?"}
+        rec.setdefault("folder", str(p.parent))
+        recs.append(rec)
+    return sorted(recs, key=lambda r: str(r.get("job")).zfill(6))
 
 
-def sweep_frame(paths: list[Path], frames: list[pd.DataFrame], radii) -> pd.DataFrame:
-    """One row per results file: its description and its certified accuracy at `radii`, ACR."""
-    rows = []
-    for p, df in zip(paths, frames):
-        d = describe(p, load_settings(p))
-        acc = certified_accuracy(df, radii)
-        d.update({f"acc@{r:g}": float(a) for r, a in zip(radii, acc)})
-        ok = df["correct"].to_numpy() == 1
-        d["acr"] = float((df["radius"].to_numpy(float) * ok).mean()) if len(df) else math.nan
-        d["images"] = len(df)
-        rows.append(d)
-    frame = pd.DataFrame(rows)
-    order = [c for c in ("sigma", "denoiser", "objective", "system", "T") if c in frame]
-    frame = frame.sort_values(order, na_position="first", kind="stable").reset_index(drop=True)
-    frame.attrs["radii"] = [float(r) for r in radii]
-    return frame
+def failure_line(rec: dict) -> str:
+    """'job 3 (T=2 sigma=0.5): ValueError: bad value [folder]'"""
+    over = " ".join(map(str, rec.get("overrides") or [])) or "no overrides"
+    error = (str(rec.get("error") or "?").splitlines() or ["?"])[0]
+    kind = f"{rec['type']}: " if rec.get("type") else ""
+    return f"job {rec.get('job', '?')} ({over}): {kind}{error} [{rec.get('folder')}]"
 
 
-def _cell(v) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "–"
-    if isinstance(v, float):
-        return f"{v:g}"
-    return str(v)
-
-
-def sweep_table(frame: pd.DataFrame) -> str:
-    """Markdown: σ, T, denoiser, objective, system, certified accuracy (%) at the radii, ACR."""
-    radii = frame.attrs["radii"]
-    head = ["σ", "T", "denoiser", "objective", "system", *(f"r={r:g}" for r in radii), "ACR",
-            "images"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 5 + "---:|" * (len(head) - 5)]
-    for _, row in frame.iterrows():
-        cells = [_cell(row["sigma"]), _cell(row["T"]), _cell(row["denoiser"]),
-                 _cell(row["objective"]), _cell(row["system"]),
-                 *(f"{100 * row[f'acc@{r:g}']:.1f}" for r in radii),
-                 "–" if math.isnan(row["acr"]) else f"{row['acr']:.3f}", str(row["images"])]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def curve_label(row) -> str:
-    parts = [str(row["system"] or Path(row["file"]).name)]
-    if row.get("denoiser"):
-        parts.append(f"{row['denoiser']}" + (f" ({row['objective']})" if row.get("objective")
-                                             else ""))
-    if row.get("T") is not None and not (isinstance(row["T"], float) and math.isnan(row["T"])):
-        parts.append(f"T={int(row['T'])}")
-    return " ".join(parts)
-
-
-def _save(fig: Figure, out_png: Path) -> Path:
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    FigureCanvasAgg(fig)
-    fig.savefig(out_png, dpi=130)
-    return out_png
-
-
-def plot_panels(frame: pd.DataFrame, frames: dict[str, pd.DataFrame], out_png: Path) -> Path:
-    """One panel per σ, the systems of that σ as certified-accuracy curves (Fig. 4/5 layout)."""
-    sigmas = sorted({s for s in frame["sigma"] if s is not None and not pd.isna(s)})
-    groups = [(s, frame[frame["sigma"] == s]) for s in sigmas]
-    if frame["sigma"].isna().any():
-        groups.append((None, frame[frame["sigma"].isna()]))
-    n = max(1, len(groups))
-    fig = Figure(figsize=(4.2 * n, 3.8), layout="constrained")
-    axes = [fig.add_subplot(1, n, i + 1) for i in range(n)]
-    styles = {"rejection": "-", "denoised": "--", "plain": ":"}
-    for ax, (s, sub) in zip(axes, groups):
-        top = max((float(frames[f]["radius"].max()) for f in sub["file"] if len(frames[f])),
-                  default=0.0)
-        xmax = max(1.05 * top, 0.5)
-        for _, row in sub.iterrows():
-            df = frames[row["file"]]
-            if not len(df):
-                continue
-            x, y = certified_accuracy_curve(df, xmax)
-            ax.step(x, y, where="pre", lw=1.6, ls=styles.get(row["system"], "-."),
-                    label=curve_label(row), clip_on=False)
-        ax.set(xlabel="ℓ2 radius", ylabel="certified accuracy", xlim=(0, xmax), ylim=(0, 1),
-               title=f"σ = {s:g}" if s is not None else "σ unknown")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize="x-small", loc="upper right")
-    return _save(fig, out_png)
-
-
-def plot_T_ablation(frame: pd.DataFrame, out_png: Path) -> Path | None:
-    """Certified accuracy against T at each radius, one panel per (σ, denoiser, objective) of the
-    rejection system (Fig. 9); None unless some group has two or more values of T."""
-    rej = frame[(frame["system"] == "rejection") & frame["T"].notna()]
-    groups = [(k, g) for k, g in rej.groupby(["sigma", "denoiser", "objective"], dropna=False)
-              if g["T"].nunique() > 1]
-    if not groups:
-        return None
-    radii = frame.attrs["radii"]
-    fig = Figure(figsize=(4.2 * len(groups), 3.6), layout="constrained")
-    for i, ((s, den, obj), g) in enumerate(groups):
-        ax = fig.add_subplot(1, len(groups), i + 1)
-        g = g.groupby("T").mean(numeric_only=True).sort_index()
-        for r in radii:
-            ax.plot(g.index, g[f"acc@{r:g}"], marker="o", label=f"r = {r:g}")
-        ax.set(xlabel="T (noise draws per image in training)", ylabel="certified accuracy",
-               ylim=(0, 1), title=f"σ = {s:g}, {den} ({obj})", xticks=list(g.index))
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize="x-small")
-    return _save(fig, out_png)
+def failures_summary(failures: list[dict]) -> str:
+    """'2 failed jobs: job 1 (...): ...; job 3 (...): ...' (one line)."""
+    n = len(failures)
+    return f"{n} failed job{'s' * (n != 1)}: " + "; ".join(map(failure_line, failures))
 
 
 def find_runs(folder: str | Path) -> list[Path]:
@@ -193,6 +102,14 @@ def epoch_times(runs: list[Path]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _cell(v) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    if isinstance(v, float):
+        return f"{v:g}"
+    return str(v)
+
+
 def times_table(times: pd.DataFrame) -> str:
     """Markdown of epoch_times: the rejectors beside the denoisers (the paper's Table 1)."""
     lines = ["| stage | denoiser | objective | σ | T | epochs | s / epoch |",
@@ -207,27 +124,5 @@ def times_table(times: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_sweep_sections(paths, frames, out_dir: Path, radii, folders=()) -> tuple[list[str], dict]:
-    """The sweep parts of a report (Markdown lines and the files written)."""
-    frame = sweep_frame(list(paths), list(frames), radii)
-    by_file = {str(p): df for p, df in zip(paths, frames)}
-    files = {"panels": plot_panels(frame, by_file, out_dir / "certified_accuracy_by_sigma.png")}
-    md = ["## By setting", "", sweep_table(frame), "",
-          f"![certified accuracy, one panel per σ]({files['panels'].name})", ""]
-    t_png = plot_T_ablation(frame, out_dir / "accuracy_vs_T.png")
-    if t_png is not None:
-        files["T"] = t_png
-        md += ["## Certified accuracy against T", "", f"![accuracy vs T]({t_png.name})", ""]
-    runs = [r for f in folders for r in find_runs(f)]
-    times = epoch_times(runs)
-    if len(times):
-        files["times"] = times
-        md += ["## Training time per epoch", "",
-               "From each run's CSV log (`train/epoch_time_s`), as the paper's Table 1.", "",
-               times_table(times), ""]
-    files["frame"] = frame
-    return md, files
-
-
-__all__ = ["describe", "epoch_times", "find_results", "find_runs", "plot_T_ablation",
-           "plot_panels", "sweep_frame", "sweep_table", "times_table", "write_sweep_sections"]
+__all__ = ["epoch_times", "failure_line", "failures_summary", "find_failures", "find_results",
+           "find_runs", "times_table"]

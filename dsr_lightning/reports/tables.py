@@ -1,32 +1,55 @@
-"""Result files of certify.py and the numbers the paper reports from them.
+"""Result files of certify.py and the numbers the paper reports from them, with their uncertainty.
 
 A result file is a TSV with one header line and one row per image; its first columns are those of
 Cohen et al.'s scripts (`idx label predict radius correct time`), so `pandas.read_csv(f, sep="\\t")`
 reads it. `predict` is -1 on abstain (radius 0 then). Counts follow: `n_A` (selected class), `n_R`
 (rejected draws), `n_B` (strongest other real class), `N` (estimation draws). The run's settings
-are a JSON file beside it: `<file>.json`.
+are a JSON file beside it: `<file>.json` (dsr_lightning.results is the only reader of the format).
+
+Every number here is computed from the radii exactly as written (never rounded). A file written
+with mode=staged answers one question only, certified accuracy at its target radius, and that
+from its `certified_at_target` column; at other radii (and for its ACR) it has no answer (NaN,
+shown as n/a).
+
+Uncertainty: each certificate holds with probability >= 1 - alpha over the Monte Carlo noise; the
+intervals here are about the choice of test images: a 95 % Clopper-Pearson interval for a
+certified accuracy (a count of images out of n), and a seeded percentile bootstrap for the ACR.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from scipy.stats import bootstrap
+from statsmodels.stats.proportion import proportion_confint
 
 from dsr_lightning.errors import ResultsError
 from dsr_lightning.results import REQUIRED_COLUMNS, read_settings, read_table
 
 RADIUS_STEP = 0.25  # default table grid, in units of the l2 radius (pixel scale of [0,1] images)
+CONFIDENCE = 0.95  # of every interval in the reports (over the choice of test images)
+BOOTSTRAP_RESAMPLES = 2000
+BOOTSTRAP_SEED = 0
+SETTING_COLUMNS = ("sigma", "T", "denoiser", "objective", "system")  # the table by setting
+_SETTING_HEAD = {"sigma": "σ", "T": "T", "denoiser": "denoiser", "objective": "objective",
+                 "system": "system"}
 
 
+# -- reading ------------------------------------------------------------------------------------
 def load_results(path, required=REQUIRED_COLUMNS) -> pd.DataFrame:
     """One row per image (dsr_lightning.results.read_table: a duplicated image or an unparsable
     row is refused, naming the line; a binary or empty file too). Raises FileNotFoundError, or
     ValueError (ResultsError) naming the file, also when it lacks one of `required`. A header-only
     file gives zero rows."""
-    df = read_table(path)
+    return check_columns(path, read_table(path), required)
+
+
+def check_columns(path, df: pd.DataFrame, required=REQUIRED_COLUMNS) -> pd.DataFrame:
+    """`df`, unless it lacks one of `required` (ResultsError naming the file and the columns)."""
     missing = [c for c in required if c not in df.columns]
     if missing:
         hint = " (mode=predict output? reports need certify)" if missing == ["radius"] else ""
@@ -35,27 +58,108 @@ def load_results(path, required=REQUIRED_COLUMNS) -> pd.DataFrame:
     return df
 
 
-def load_settings(path) -> dict:
-    """The run's settings from `<path>.json`; {} when there is none (ResultsError if corrupt)."""
-    return read_settings(path)
+@dataclass
+class Result:
+    """A results file read once: its path, its rows (one per image) and its settings record."""
+
+    path: Path
+    frame: pd.DataFrame
+    settings: dict
+
+
+def read_result(path, required=REQUIRED_COLUMNS) -> Result:
+    """The file and its settings record, each read once (see load_results)."""
+    path = Path(path)
+    return Result(path, load_results(path, required), read_settings(path))
+
+
+# -- the numbers --------------------------------------------------------------------------------
+def is_staged(df: pd.DataFrame) -> bool:
+    """Written with mode=staged: it only knows whether each image is certified at its target."""
+    return "certified_at_target" in df.columns
+
+
+def staged_target(df: pd.DataFrame) -> float:
+    """The target radius of a staged file (NaN for other files, or without rows)."""
+    if not is_staged(df) or len(df) == 0:
+        return math.nan
+    return float(df["target_radius"].iloc[0])
+
+
+def certified_mask(df: pd.DataFrame, radii) -> np.ndarray:
+    """(R, n) floats: 1 where image j is correct with a certificate of radius >= radii[i], else 0
+    (radius >= r is inclusive, on the radii as written). A staged file knows this only at its
+    target radius (from `certified_at_target`): its other rows are NaN."""
+    radii = np.atleast_1d(np.asarray(radii, dtype=float))  # (R,)
+    ok = df["correct"].to_numpy() == 1  # (n,)
+    if is_staged(df):
+        hit = (ok & (df["certified_at_target"].to_numpy() == 1)).astype(float)  # (n,)
+        known = np.isclose(radii, staged_target(df), rtol=0, atol=1e-12)  # (R,)
+        return np.where(known[:, None], hit[None, :], np.nan)
+    rad = df["radius"].to_numpy(dtype=float)  # (n,)
+    return (ok[None, :] & (rad[None, :] >= radii[:, None])).astype(float)  # (R, n)
+
+
+def certified_counts(df: pd.DataFrame, radii) -> np.ndarray:
+    """(R,) number of images certified correct at each radius (NaN where the file cannot say)."""
+    mask = certified_mask(df, radii)
+    return mask.sum(axis=1)  # NaN rows stay NaN
 
 
 def certified_accuracy(df: pd.DataFrame, radii) -> np.ndarray:
     """Fraction of ALL rows that are correct with radius >= r, for each r (Cohen et al.'s
-    definition); at r = 0 this is the clean accuracy of the smoothed classifier. NaN if no rows."""
-    radii = np.atleast_1d(np.asarray(radii, dtype=float))  # (R,)
+    definition); at r = 0 this is the clean accuracy of the smoothed classifier. NaN if no rows,
+    and for a staged file at any radius but its target."""
+    radii = np.atleast_1d(np.asarray(radii, dtype=float))
     if len(df) == 0:
         return np.full(radii.shape, np.nan)
-    ok = df["correct"].to_numpy() == 1  # (n,)
-    rad = df["radius"].to_numpy(dtype=float)  # (n,)
-    return (ok[None, :] & (rad[None, :] >= radii[:, None])).mean(axis=1)  # (R,)
+    return certified_counts(df, radii) / len(df)
+
+
+def clopper_pearson(k, n: int, confidence: float = CONFIDENCE) -> tuple[np.ndarray, np.ndarray]:
+    """Exact (Clopper-Pearson) interval for k successes of n, elementwise; NaN for NaN k or n=0."""
+    k = np.atleast_1d(np.asarray(k, dtype=float))
+    lo, hi = np.full(k.shape, np.nan), np.full(k.shape, np.nan)
+    ok = ~np.isnan(k)
+    if n > 0 and ok.any():
+        lo[ok], hi[ok] = proportion_confint(k[ok], n, alpha=1 - confidence, method="beta")
+    return lo, hi
+
+
+def certified_radii(df: pd.DataFrame) -> np.ndarray:
+    """Per image radius * correct: what the ACR averages."""
+    return df["radius"].to_numpy(dtype=float) * (df["correct"].to_numpy() == 1)
 
 
 def average_certified_radius(df: pd.DataFrame) -> float:
-    """Mean of radius * correct over all rows (ACR); NaN if no rows."""
-    if len(df) == 0:
+    """Mean of radius * correct over all rows (ACR); NaN if no rows, or for a staged file (its
+    radii stop once the target is reached)."""
+    if len(df) == 0 or is_staged(df):
         return math.nan
-    return float((df["radius"].to_numpy(dtype=float) * (df["correct"].to_numpy() == 1)).mean())
+    return float(certified_radii(df).mean())
+
+
+def bootstrap_interval(samples, statistic, confidence: float = CONFIDENCE,
+                       seed: int = BOOTSTRAP_SEED) -> tuple[float, float]:
+    """Percentile bootstrap (BOOTSTRAP_RESAMPLES resamples of the images, seeded) of
+    `statistic(*samples, axis)`; paired when there are several samples. NaN for < 2 images."""
+    if len(samples[0]) < 2:
+        return math.nan, math.nan
+    res = bootstrap(tuple(samples), statistic, n_resamples=BOOTSTRAP_RESAMPLES, batch=250,
+                    vectorized=True, paired=len(samples) > 1, confidence_level=confidence,
+                    method="percentile", rng=np.random.default_rng(seed))
+    return float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+
+def _mean(x, axis=-1):
+    return np.mean(x, axis=axis)
+
+
+def acr_interval(df: pd.DataFrame, confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """Bootstrap interval of the ACR over the test images (NaN where the ACR is)."""
+    if math.isnan(average_certified_radius(df)):
+        return math.nan, math.nan
+    return bootstrap_interval((certified_radii(df),), _mean, confidence)
 
 
 def clean_accuracy(df: pd.DataFrame) -> float:
@@ -85,11 +189,20 @@ def default_radii(max_radius: float, step: float = RADIUS_STEP, at_least: float 
     return np.round(np.arange(round(top / step) + 1) * step, 6)
 
 
+# -- labels -------------------------------------------------------------------------------------
 def file_label(path) -> str:
     """A results file's name without `.tsv` (never its stem: the reference scripts' files are
     named `sigma_0.25`, `sigma_0.50`, whose stems would collapse into `sigma_0`)."""
     name = Path(path).name
     return name[:-4] if name.endswith(".tsv") else name
+
+
+def describe(settings: dict) -> dict:
+    """σ, T, denoiser, objective, system, bound, mode and N of a results file, from its record."""
+    run = settings.get("run") or {}
+    return {"sigma": settings.get("sigma"), "T": run.get("T"), "denoiser": run.get("denoiser"),
+            "objective": run.get("objective"), "system": settings.get("system"),
+            "bound": settings.get("bound"), "mode": settings.get("mode"), "N": settings.get("N")}
 
 
 def display_label(path, settings: dict) -> str:
@@ -133,32 +246,53 @@ def resolve_labels(paths, settings, labels=None) -> list[str]:
             for p, lab in zip(paths, out)]
 
 
-def _radius_key(r: float) -> str:
+# -- the summary frame and its tables -----------------------------------------------------------
+def radius_key(r: float) -> str:
+    """The frame's column of the certified accuracy at radius r (its interval: lo@r, hi@r)."""
     return f"acc@{r:g}"
 
 
-def summary_frame(paths, radii=None, labels=None, frames=None) -> pd.DataFrame:
-    """One row of numbers per file: label, file, images, acc@r for each radius (fractions), acr,
-    abstain, reject (mean n_R/N, NaN without n_R), time_s (mean seconds per image, if numeric).
-    Default radii: see `default_radii` over the largest radius of all files."""
-    paths = [Path(p) for p in paths]
-    frames = frames if frames is not None else [load_results(p) for p in paths]
-    settings = [load_settings(p) for p in paths]
+def table_radii(frames, radii=None) -> np.ndarray:
+    """The given radii (default: `default_radii` over the largest radius of all files), and the
+    target radius of every staged file, where it alone has an answer."""
     if radii is None:
         radii = default_radii(max((float(df["radius"].max()) for df in frames if len(df)),
                                   default=0.0))
-    radii = np.asarray(radii, dtype=float)
+    targets = {t for t in map(staged_target, frames) if not math.isnan(t)}
+    radii = [float(r) for r in radii]
+    radii += [t for t in sorted(targets) if not np.isclose(radii, t, rtol=0, atol=1e-12).any()]
+    return np.asarray(sorted(radii), dtype=float)
+
+
+def summary_frame(paths, radii=None, labels=None, frames=None, settings=None) -> pd.DataFrame:
+    """One row of numbers per file: label, file, images, acc@r for each radius (fractions) with
+    its 95 % Clopper-Pearson interval (lo@r, hi@r), acr with its bootstrap interval (acr_lo,
+    acr_hi), abstain, reject (mean n_R/N, NaN without n_R), time_s (mean seconds per image, if
+    numeric), target (a staged file's target radius), then the setting (σ, T, denoiser, objective,
+    system, bound, mode, N). Default radii: see `table_radii`. `frames` and `settings` (one per
+    file) are used as given; what is not given is read here, once."""
+    paths = [Path(p) for p in paths]
+    frames = frames if frames is not None else [load_results(p) for p in paths]
+    settings = settings if settings is not None else [read_settings(p) for p in paths]
+    radii = table_radii(frames, radii)
     rows = []
     names = resolve_labels(paths, settings, labels)
     for path, df, st, lab in zip(paths, frames, settings, names):
         row = {"label": lab, "file": str(path), "images": len(df)}
-        row.update(zip(map(_radius_key, radii), certified_accuracy(df, radii).tolist()))
+        k = certified_counts(df, radii) if len(df) else np.full(radii.shape, np.nan)
+        lo, hi = clopper_pearson(k, len(df))
+        for r, a, a_lo, a_hi in zip(radii, certified_accuracy(df, radii), lo, hi):
+            row.update({radius_key(r): float(a), f"lo@{r:g}": float(a_lo),
+                        f"hi@{r:g}": float(a_hi)})
         rej = reject_fraction(df, st.get("N"))
-        row.update(acr=average_certified_radius(df), abstain=abstain_rate(df),
-                   reject=math.nan if rej is None else rej)
+        acr_lo, acr_hi = acr_interval(df)
+        row.update(acr=average_certified_radius(df), acr_lo=acr_lo, acr_hi=acr_hi,
+                   abstain=abstain_rate(df), reject=math.nan if rej is None else rej)
         t = df["time"] if "time" in df.columns else None
         row["time_s"] = float(t.mean()) if t is not None and pd.api.types.is_numeric_dtype(t) \
             and len(df) else math.nan
+        row["target"] = staged_target(df)
+        row.update(describe(st))
         rows.append(row)
     frame = pd.DataFrame(rows)
     frame.attrs["radii"] = radii.tolist()
@@ -169,18 +303,66 @@ def _pct(x: float) -> str:
     return "–" if x is None or math.isnan(x) else f"{100 * x:.1f}"
 
 
-def markdown_table(frame: pd.DataFrame) -> str:
-    """Markdown of a `summary_frame`: certified accuracy (%) at each radius, ACR, images, abstain %,
-    and reject % when some file rejected draws."""
+def _missing(row) -> str:
+    """A number a file cannot give: n/a for a staged file (it answers at its target only), – for
+    a file without rows."""
+    return "n/a" if row["images"] and not math.isnan(row["target"]) else "–"
+
+
+def accuracy_cell(row, r: float) -> str:
+    """'23.0 [15.1, 32.6]': certified accuracy (%) at r with its 95 % Clopper-Pearson interval."""
+    a = row[radius_key(r)]
+    if math.isnan(a):
+        return _missing(row)
+    return f"{100 * a:.1f} [{100 * row[f'lo@{r:g}']:.1f}, {100 * row[f'hi@{r:g}']:.1f}]"
+
+
+def acr_cell(row) -> str:
+    """'0.275 [0.150, 0.413]': the ACR with its bootstrap interval."""
+    if math.isnan(row["acr"]):
+        return _missing(row)
+    if math.isnan(row["acr_lo"]):
+        return f"{row['acr']:.3f}"
+    return f"{row['acr']:.3f} [{row['acr_lo']:.3f}, {row['acr_hi']:.3f}]"
+
+
+def _setting_cell(v) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    if isinstance(v, float):
+        return f"{v:g}"
+    return str(v)
+
+
+def by_setting(frame: pd.DataFrame) -> pd.DataFrame:
+    """The summary frame's rows ordered by setting: σ, denoiser, objective, system, T."""
+    order = [c for c in ("sigma", "denoiser", "objective", "system", "T") if c in frame]
+    out = frame.sort_values(order, na_position="first", kind="stable").reset_index(drop=True)
+    out.attrs = dict(frame.attrs)
+    return out
+
+
+def markdown_table(frame: pd.DataFrame, grouped: bool = False) -> str:
+    """Markdown of a `summary_frame`: certified accuracy (%) at each radius with its 95 %
+    interval, ACR with its interval, images, abstain %, and reject % when some file rejected
+    draws. `grouped`: the table by setting (rows ordered by σ, denoiser, objective, system, T, and
+    those five columns instead of the label)."""
     radii = frame.attrs["radii"]
     with_reject = bool((frame["reject"].fillna(0) > 0).any())
-    head = ["system", *(f"r={r:g}" for r in radii), "ACR", "images", "abstain %"]
+    if grouped:
+        frame = by_setting(frame)
+        first = [_SETTING_HEAD[c] for c in SETTING_COLUMNS]
+    else:
+        first = ["system"]
+    head = [*first, *(f"r={r:g}" for r in radii), "ACR", "images", "abstain %"]
     head += ["reject %"] * with_reject
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" + "---:|" * (len(head) - 1)]
+    lines = ["| " + " | ".join(head) + " |",
+             "|" + "---|" * len(first) + "---:|" * (len(head) - len(first))]
     for _, row in frame.iterrows():
-        cells = [row["label"].replace("|", "\\|"), *(_pct(row[_radius_key(r)]) for r in radii),
-                 "–" if math.isnan(row["acr"]) else f"{row['acr']:.3f}", str(row["images"]),
-                 _pct(row["abstain"])]
+        cells = ([_setting_cell(row.get(c)) for c in SETTING_COLUMNS] if grouped
+                 else [row["label"].replace("|", "\\|")])
+        cells += [*(accuracy_cell(row, r) for r in radii), acr_cell(row), str(row["images"]),
+                  _pct(row["abstain"])]
         cells += [_pct(row["reject"])] * with_reject
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
