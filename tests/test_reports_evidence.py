@@ -258,3 +258,27 @@ def test_per_class_by_hand(tmp_path):
     per_class = md.split("## Per class")[1]
     assert "| 3 cat | 3 | 66.7 | 33.3 | 30.0 |" in per_class
     assert "| 5 dog | 2 | 25.0 |" in per_class.split("per predicted class")[1]
+
+
+# -- 4. the attack beside the certificates ------------------------------------------------------
+def test_folder_report_puts_the_attack_beside_certified_accuracy(tmp_path, capsys):
+    folder = tmp_path / "out"
+    write(folder / "den.tsv", certified_rows([1, 1, 0, 1]))
+
+    def attack_row(idx, predict, radius, attacked):
+        return {**row(idx, 0, predict, radius, int(predict == 0)), "clean_predict": predict,
+                "attacked_predict": attacked, "attacked_correct": int(attacked == 0),
+                "perturbation_norm": 0.25, "epsilon": 0.25}
+
+    # image 1 is certified at ε = 0.25 yet attacked into class 2: the soundness alarm
+    rows = [attack_row(0, 0, 0.4, 0), attack_row(1, 0, 0.3, 2), attack_row(2, 1, 0.0, -1),
+            attack_row(3, 0, 0.1, 1)]
+    write(folder / "att.tsv", rows, settings(mode="attack", radius=0.25), COLUMNS["attack"])
+    assert main([str(folder)]) == 0
+    md = (folder / "report" / "report.md").read_text()
+    section = md.split("## An attack that checks the certificates")[1]
+    line = next(ln for ln in section.splitlines() if ln.startswith("| `att.tsv`"))
+    # certified at ε and right: images 0 and 1 (50 %); attacked and still right: image 0 (25 %)
+    assert line == "| `att.tsv` | 0.25 | 4 | 50.0 | 25.0 | 1 |"
+    assert "att.tsv" not in md.split("## Files")[0]  # not a row of the certified systems
+    assert "| `att.tsv`" in capsys.readouterr().out

@@ -87,7 +87,7 @@ def _sweep_sections(results, frame, out_dir: Path, folders) -> tuple[list[str], 
 
 
 def write_report(paths, out_dir, labels=None, radii=None, folders=(), *, results=None,
-                 skipped=(), failures=()) -> dict:
+                 skipped=(), failures=(), attacks=()) -> dict:
     """Writes into out_dir: report.md, certified_accuracy.png, and counts_<name>.png for each file
     with rejected draws (n_R > 0 somewhere); for a sweep (files found in `folders`, or spanning
     several σ) also the table by setting, certified_accuracy_by_sigma.png, accuracy_vs_T.png when
@@ -132,6 +132,7 @@ def write_report(paths, out_dir, labels=None, radii=None, folders=(), *, results
           "", table, "## Files", ""]
     md += [f"- **{lab}**: `{p}` ({_settings_line(st)})"
            for p, st, lab in zip(paths, settings, names)]
+    md += attack_lines(attacks)
     if skipped:
         md += ["", "## Skipped files", "", *(f"- {line}" for line in skipped)]
     if failures:
@@ -220,6 +221,7 @@ class Inputs:
     folders: list[Path] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     failures: list[dict] = field(default_factory=list)
+    attacks: list[Result] = field(default_factory=list)  # mode=attack files: their own section
 
 
 def _read_found(path: Path) -> Result | str:
@@ -249,10 +251,12 @@ def read_inputs(args: list[Path]) -> Inputs:
     for a in map(Path, args):
         if a.is_dir():
             found = [_read_found(p) for p in find_results(a)]
+            inputs.attacks += [f for f in found if isinstance(f, Result) and _is_attack(f)]
+            found = [f for f in found if not (isinstance(f, Result) and _is_attack(f))]
             kept = dedupe([f for f in found if isinstance(f, Result)])
             inputs.skipped += [f for f in found if isinstance(f, str)]
             inputs.failures += find_failures(a)
-            if not kept:
+            if not kept and not inputs.attacks:
                 why = f" ({len(found)} skipped)" if found else ""
                 raise FileNotFoundError(f"{a}: no results files below this folder{why} (certify.py "
                                         "writes <outdir>/*.tsv; train.py certify=... writes "
@@ -260,8 +264,36 @@ def read_inputs(args: list[Path]) -> Inputs:
             inputs.results += kept
             inputs.folders.append(a)
         else:
-            inputs.results.append(read_result(a))
+            r = read_result(a)
+            (inputs.attacks if _is_attack(r) else inputs.results).append(r)
     return inputs
+
+
+def _is_attack(r: Result) -> bool:
+    return r.settings.get("mode") == "attack"
+
+
+def attack_lines(attacks) -> list[str]:
+    """The attack section: empirical robust accuracy at ε beside certified accuracy at ε, and the
+    soundness alarm (images certified at ε whose attacked prediction is another class)."""
+    from .attack import attack_summary
+
+    if not attacks:
+        return []
+    md = ["", "## An attack that checks the certificates", "",
+          "PGD on the smoothed classifier within the ℓ2 ball of radius ε (certify.py mode=attack). "
+          "Empirical robust accuracy must not fall below certified accuracy at ε, up to the α of "
+          "each certificate; an alarm is an image certified at ε whose attacked prediction is "
+          "another class.", "",
+          "| file | ε | images | certified acc. at ε (%) | empirical robust acc. (%) | alarms |",
+          "|---|---:|---:|---:|---:|---|"]
+    for r in attacks:
+        a = attack_summary(r.frame, r.settings)
+        alarms = ", ".join(map(str, a["alarms"])) or "none"
+        md.append(f"| `{r.path.name}` | {a['epsilon']:g} | {a['images']} | "
+                  f"{100 * a['certified_accuracy']:.1f} | "
+                  f"{100 * a['empirical_robust_accuracy']:.1f} | {alarms} |")
+    return md
 
 
 def radii_error(radii) -> str | None:
@@ -329,9 +361,12 @@ def main(argv=None) -> int:
         for line in inputs.skipped:
             print(line, file=sys.stderr)
         files = [r.path for r in inputs.results]
+        if not files:  # attack files only: their summary (python -m dsr_lightning.reports.attack)
+            print("\n".join(attack_lines(inputs.attacks)).strip())
+            return 0
         out = args.out or (inputs.folders[0] if inputs.folders else files[0].parent) / "report"
         kwargs = {"results": inputs.results, "skipped": inputs.skipped,
-                  "failures": inputs.failures}
+                  "failures": inputs.failures, "attacks": inputs.attacks}
         if args.wandb:
             import wandb
 
@@ -350,6 +385,8 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(res["table"])
+    if inputs.attacks:
+        print("\n".join(attack_lines(inputs.attacks)))
     sweep = res.get("sweep") or {}
     if "table" in sweep:
         print(sweep["table"])
