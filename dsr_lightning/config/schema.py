@@ -22,7 +22,7 @@ from omegaconf import II, MISSING, DictConfig
 from dsr_lightning.data.base import SPLITS
 from dsr_lightning.errors import ConfigError
 from dsr_lightning.models.system import SYSTEMS
-from dsr_lightning.smoothing.checks import BOUNDS
+from dsr_lightning.smoothing.checks import BOUNDS, check_alpha
 from dsr_lightning.smoothing.staged import check_stages
 from dsr_lightning.smoothing.threshold import OBJECTIVES as SELECTION_OBJECTIVES
 from dsr_lightning.tasks.base import CLIP_ALGORITHMS
@@ -268,10 +268,11 @@ def check_rejector(rej: DictConfig) -> None:
 
 
 def _alpha(key: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < 1:
+    try:
+        return check_alpha(value, key)
+    except ValueError:
         raise ConfigError(f"{key}={value}: must be a number in (0, 1) (the failure probability "
-                          "of each certificate, e.g. 0.01)")
-    return float(value)
+                          "of each certificate, e.g. 0.01)") from None
 
 
 def check_certify_settings(c, prefix: str = "") -> None:

@@ -5,7 +5,6 @@ from .checkpoint import (
     ARCHS,
     CheckpointError,
     build_arch,
-    is_classifier_arch,
     load_checkpoint,
     load_state_dict_strict,
     non_finite_keys,
@@ -22,6 +21,6 @@ from .system import SmoothingSystem, freeze
 __all__ = [
     "ARCHS", "CIFAR10_MEAN", "CIFAR10_STD", "BasicBlock", "CheckpointError", "Classifier", "DnCNN",
     "MemNet", "NormalizeLayer", "Rejector", "ResNet", "SmoothingSystem", "build_arch", "freeze",
-    "is_classifier_arch", "load_checkpoint", "load_state_dict_strict", "non_finite_keys",
+    "load_checkpoint", "load_state_dict_strict", "non_finite_keys",
     "read_checkpoint", "save_checkpoint",
 ]

@@ -53,10 +53,6 @@ ARCHS: dict[str, Callable[..., nn.Module]] = {
 }
 
 
-def is_classifier_arch(arch: str) -> bool:
-    return _RESNET.fullmatch(arch) is not None
-
-
 def build_arch(arch: str, **arch_kwargs: Any) -> nn.Module:
     """A fresh (randomly initialised) network of the named architecture."""
     if arch in ARCHS:
