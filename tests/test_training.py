@@ -474,9 +474,13 @@ def test_unknown_stage_target_head(tiny_pretrained, tiny_cfg, override, match):
         train(tiny_cfg(tiny_pretrained.override, override))
 
 
-def test_cli_user_error_is_one_line_exit_2(tmp_path):
-    r = train_cli("experiment=tiny", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, timeout=120)
-    assert r.returncode == 2
-    assert "Traceback" not in r.stderr
-    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+def test_cli_user_error_is_one_line_exit_2(tmp_path, monkeypatch, capsys):
+    """train.py's entry point in process (the same exit path as certify.py's, whose launched
+    process test_certify.test_cli_error checks)."""
+    monkeypatch.chdir(tmp_path)
+    rc = run_cli(["train", "experiment=tiny", f"hydra.run.dir={tmp_path / 'run'}"], monkeypatch)
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "Traceback" not in err
+    errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and "classifier checkpoint not found" in errors[0]
