@@ -10,11 +10,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import CERTIFY_RUNS, REPO, TINY_SIGMAS, certify_tiny, compose_tiny
+from helpers import CERTIFY_RUNS, TINY_SIGMAS, certify_tiny, compose_tiny
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
-
-__all__ = ["REPO", "compose_tiny"]  # older imports `from conftest import REPO, compose_tiny`
 
 # Test tensors are tiny: a second intra-op thread gains nothing, and on a busy 2-core machine
 # OpenMP threads spin against each other (measured: a tiny resume test 65 s -> 2.7 s with one).
