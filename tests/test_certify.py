@@ -5,104 +5,36 @@ included), refusal of other settings and of bad input (the file left byte-identi
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import REPO, compose_tiny
-from hydra.core.hydra_config import HydraConfig
+from helpers import (
+    CERTIFY_RUNS,
+    MAX,
+    N0,
+    SIGMA,
+    N,
+    certify_tiny,
+    cli,
+    copy_results,
+    env,
+    error_lines,
+    rows,
+    snapshot,
+)
 from scipy.stats import binomtest, norm
 
 from dsr_lightning.errors import ConfigError, ResultsError
-from dsr_lightning.jobs.certification import certify
 from dsr_lightning.results import CERTIFY_COLUMNS, PREDICT_COLUMNS, REFERENCE_COLUMNS
 
-N0, N, MAX, SIGMA = 10, 50, 4, 0.25
-SMALL = [f"N0={N0}", f"N={N}", "batch=64", f"max={MAX}", "images_per_step=4", f"sigma={SIGMA}"]
-RUNS = {  # name: overrides of one shared run
-    "paper": ["system=rejection", "bound=paper"],
-    "runner_up": ["system=rejection", "bound=runner_up"],
-    "denoised": ["system=denoised"],
-    "plain": ["system=plain"],
-    "predict": ["system=rejection", "mode=predict"],
-}
+RUNS = CERTIFY_RUNS  # name: overrides of one shared run (conftest's `runs`)
 BOUNDS = {"paper": "paper", "runner_up": "runner_up", "denoised": "cohen", "plain": "cohen"}
-
-
-def certify_tiny(tiny, rejector: Path | None, out_dir: Path, *overrides: str) -> dict:
-    """certify(cfg) in process, config composed as the CLI would (experiment=tiny, small N)."""
-    ckpt = [f"rejector_ckpt={rejector}"] if rejector else []
-    cfg = compose_tiny(out_dir, [tiny.override, *SMALL, f"outdir={out_dir}", *ckpt, *overrides],
-                       name="certify")
-    try:
-        return certify(cfg)
-    finally:
-        HydraConfig.instance().cfg = None
-
-
-def cli(tiny, run_dir: Path, *args: str) -> list[str]:
-    """The command line of certify.py as a user types it (its Hydra run folder in run_dir)."""
-    return [sys.executable, str(REPO / "certify.py"), "experiment=tiny", tiny.override,
-            f"hydra.run.dir={run_dir}", *args]
-
-
-def env() -> dict:
-    return {**os.environ, "PYTHONPATH": str(REPO), "HYDRA_FULL_ERROR": "0"}  # errors as users see
-
-
-def snapshot(path: Path) -> tuple[bytes, bytes]:
-    return path.read_bytes(), Path(f"{path}.json").read_bytes()
-
-
-def copy_results(src: Path, dst_dir: Path) -> Path:
-    dst_dir.mkdir(parents=True, exist_ok=True)
-    dst = dst_dir / src.name
-    shutil.copy(src, dst)
-    shutil.copy(f"{src}.json", f"{dst}.json")
-    return dst
-
-
-def rows(path: Path) -> list[str]:
-    lines = path.read_text().split("\n")
-    assert lines[-1] == "", f"{path}: the last line is not terminated"
-    return lines[1:-1]
-
-
-@pytest.fixture(scope="module")
-def rejector(tiny_pretrained, tmp_path_factory) -> Path:
-    """A tiny rejector for σ = 0.25 trained on the session's tiny f and D (experiment=tiny)."""
-    from dsr_lightning.jobs.training import train
-
-    out = tmp_path_factory.mktemp("rejector")
-    try:
-        best = train(compose_tiny(out, [tiny_pretrained.override, f"sigma={SIGMA}",
-                                        "trainer.limit_train_batches=2",
-                                        "trainer.limit_val_batches=1"]))["best"]
-    finally:
-        HydraConfig.instance().cfg = None
-    return Path(best)
-
-
-@pytest.fixture(scope="module")
-def runs(tiny_pretrained, rejector, tmp_path_factory):
-    """Factory: runs(name) -> results path of the shared run `name` of RUNS, certified once."""
-    done: dict[str, Path] = {}
-
-    def get(name: str) -> Path:
-        if name not in done:
-            out = tmp_path_factory.mktemp(f"certify_{name}")
-            done[name] = Path(certify_tiny(tiny_pretrained, rejector, out, *RUNS[name])["outfile"])
-        return done[name]
-
-    return get
 
 
 @pytest.mark.parametrize("name", ["paper", "runner_up", "denoised", "plain"])
@@ -299,7 +231,7 @@ def test_cli_error(runs, tiny_pretrained, tmp_path):
                        cwd=tiny_pretrained.cwd, env=env(), capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 2, r.stderr
-    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    errors = error_lines(r.stderr)
     assert len(errors) == 1 and "rejector checkpoint not found: /nonexistent/best.ckpt" in errors[0]
     assert "Traceback" not in r.stderr
     assert snapshot(out) == before

@@ -6,21 +6,19 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-import test_certify as tc
-from test_certify import certify_tiny, cli, copy_results, env, snapshot
+from helpers import MAX, N0, SIGMA, N, certify_tiny, copy_results, run_cli, snapshot
 
 from dsr_lightning.errors import ConfigError, ResultsError
 from dsr_lightning.results import CERTIFY_COLUMNS, REFERENCE_COLUMNS, STAGED_COLUMNS
 from dsr_lightning.smoothing import staged_look
 
-rejector, runs = tc.rejector, tc.runs  # the fixtures of test_certify (a tiny rejector, shared runs)
-N0, N, MAX, SIGMA, ALPHA = tc.N0, tc.N, tc.MAX, tc.SIGMA, 0.01
+# the session's tiny rejector and shared runs: conftest's `rejector` and `runs`
+ALPHA = 0.01
 STAGES, WEIGHTS, RADIUS = [10, 20, N], [0.2, 0.3, 0.5], 0.02
 STAGED = ["mode=staged", f"radius={RADIUS}", f"stages=[{','.join(map(str, STAGES))}]",
           f"stage_weights=[{','.join(map(str, WEIGHTS))}]"]
@@ -137,14 +135,15 @@ def test_staged_bad_input(runs, tiny_pretrained, rejector, tmp_path, case):
     assert snapshot(out) == before
 
 
-def test_staged_cli(tiny_pretrained, tmp_path):
-    """The command line as a user types it (list overrides), system=plain: a staged file."""
+def test_staged_cli(tiny_pretrained, tmp_path, monkeypatch, capsys):
+    """The command line as a user types it (list overrides), system=plain: a staged file
+    (certify.py's entry point in process: Hydra parses the overrides as from a shell)."""
     out = tmp_path / "cli.tsv"
-    r = subprocess.run(cli(tiny_pretrained, tmp_path / "run", "system=plain", *STAGED,
-                           f"N0={N0}", f"N={N}", "max=2", f"outfile={out}"),
-                       cwd=tiny_pretrained.cwd, env=env(), capture_output=True, text=True,
-                       timeout=120)
-    assert r.returncode == 0, r.stderr[-3000:]
+    monkeypatch.chdir(tiny_pretrained.cwd)
+    rc = run_cli(["certify", "experiment=tiny", tiny_pretrained.override,
+                  f"hydra.run.dir={tmp_path / 'run'}", "system=plain", *STAGED, f"N0={N0}",
+                  f"N={N}", "max=2", f"outfile={out}"], monkeypatch)
+    assert rc == 0, capsys.readouterr().err[-3000:]
     df = pd.read_csv(out, sep="\t")
     assert list(df.columns) == STAGED_COLUMNS and df.idx.tolist() == [0, 1]
     assert (df.n_R == 0).all() and df.pAR_lower.isna().all()  # cohen: no reject class

@@ -11,12 +11,13 @@ import struct
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import REPO
+from helpers import REPO, certify_tiny, error_lines, run_cli
 
 from dsr_lightning.config import compose
 from dsr_lightning.jobs.certification import sha256_of
@@ -108,17 +109,22 @@ def test_certify_none_is_the_default(tiny_pretrained, tiny_cfg):
 # --- a sweep whose jobs fail alone, on one W&B dashboard ---------------------------------------
 
 def test_sweep_runs_every_job_reports_the_failed_one_and_lands_on_one_wandb_group(
-        tiny_pretrained, tmp_path):
+        tiny_pretrained, tmp_path, monkeypatch, capsys):
+    """`train.py -m` (the entry point in process; Hydra's basic launcher runs the jobs in turn)."""
     sweep = tmp_path / "sweepA"
     # sigma=1.0 has no denoiser: that job fails; the other two run and are certified. A path in
     # an override (pretrained_root=/...) must not nest the job folders.
-    r = train_cli("-m", "experiment=tiny", "sigma=0.25,1.0", "T=1,2", *QUICK, "logger=wandb",
-                  tiny_pretrained.override, f"hydra.sweep.dir={sweep}", cwd=tiny_pretrained.cwd)
-    assert r.returncode == 1, r.stderr[-3000:]
+    for k, v in WANDB_ENV.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.chdir(tiny_pretrained.cwd)
+    rc = run_cli(["train", "-m", "experiment=tiny", "sigma=0.25,1.0", "T=1,2", *QUICK,
+                  "logger=wandb", tiny_pretrained.override, f"hydra.sweep.dir={sweep}"], monkeypatch)
+    r = SimpleNamespace(**dict(zip(("stdout", "stderr"), capsys.readouterr())))
+    assert rc == 1, r.stderr[-3000:]
     assert "sweep " in r.stdout and "4 jobs, 2 succeeded, 2 failed" in r.stdout
     assert "FAILED job 2: experiment=tiny sigma=1.0 T=1" in r.stdout
     assert "denoiser checkpoint not found" in r.stdout
-    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error: job")]
+    errors = [ln for ln in error_lines(r.stderr) if ln.startswith("error: job")]
     assert len(errors) == 2 and "Traceback" not in r.stderr
     jobs = {p.name.split("_")[0]: p for p in sweep.iterdir() if p.is_dir() and p.name[0].isdigit()}
     assert sorted(jobs) == ["0", "1", "2", "3"] and all((j / ".hydra").is_dir() for j in jobs.values())
@@ -149,6 +155,7 @@ def test_sweep_runs_every_job_reports_the_failed_one_and_lands_on_one_wandb_grou
     assert groups == {"sweepA"} and len(names) == 2  # one group named after the sweep
 
 
+@pytest.mark.slow
 def test_submitit_local_launcher(tiny_pretrained, tmp_path):
     sweep = tmp_path / "sub"
     r = train_cli("-m", "experiment=tiny", "sigma=0.25,1.0", "hydra/launcher=submitit_local",
@@ -183,8 +190,6 @@ def test_wandb_log_model_offline_and_certify_linked(tiny_pretrained, tiny_cfg, t
                if r.WhichOneof("record_type") == "artifact")  # the checkpoints, offline
     ckpt = torch.load(res["best"], map_location="cpu", weights_only=False)
     assert ckpt["dsr_wandb"]["id"] == train_run.run_id
-
-    from test_certify import certify_tiny
 
     out = certify_tiny(tiny_pretrained, Path(res["best"]), tmp_path / "c", "system=rejection",
                        "N0=10", "N=50", "max=3", "logger=wandb", f"outdir={tmp_path / 'c'}")

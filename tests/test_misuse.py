@@ -16,9 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import compose_tiny
-from hydra.core.hydra_config import HydraConfig
-from test_certify import certify_tiny, cli, env, rows, snapshot
+from helpers import certify_tiny, cli, env, error_lines, rows, run_cli, snapshot
 
 from dsr_lightning.errors import CheckpointError, ConfigError, ResultsError, TrainingError
 from dsr_lightning.jobs.run_checkpoint import RunCheckpoint
@@ -31,61 +29,40 @@ from dsr_lightning.smoothing import SmoothedClassifier, certify_counts, default_
 PLAIN = ["system=plain", "N0=10", "N=50", "batch=64"]
 
 
-@pytest.fixture(scope="module")
-def rejectors(tiny_pretrained, tmp_path_factory):
-    """Two tiny rejectors for σ = 0.25 with different weights (seeds 0 and 1)."""
-    out = {}
-    for seed in (0, 1):
-        run = tmp_path_factory.mktemp(f"rej{seed}")
-        try:
-            out[seed] = Path(train(compose_tiny(run, [tiny_pretrained.override, f"seed={seed}",
-                                                      "trainer.limit_train_batches=2",
-                                                      "trainer.limit_val_batches=1"]))["last"])
-        finally:
-            HydraConfig.instance().cfg = None
-    return out
-
-
 def done_indices(path: Path) -> list[int]:
     return [int(r.split("\t")[0]) for r in rows(path)]
 
 
 # --- 1. one writer ------------------------------------------------------------------------------
 
-def test_two_processes_on_one_results_file(tiny_pretrained, tmp_path):
-    """While one certify.py writes a file, a second on the same file is refused (with the same
-    settings or others); a third with wait=true waits for it, then finds every image done. No row
-    is written twice, and the lock is gone at the end."""
+def test_two_processes_on_one_results_file(tiny_pretrained, tmp_path, capsys):
+    """While one certify.py process writes a file, another process (this one) on the same file is
+    refused (with the same settings or others); with wait=true it waits for the first, then finds
+    every image done. No row is written twice, and the lock is gone at the end."""
     out = tmp_path / "one.tsv"
-    args = [*PLAIN, "N=6000", "images_per_step=1", "max=4", f"outfile={out}"]
-
-    def start(run, *extra):
-        return subprocess.Popen(cli(tiny_pretrained, tmp_path / run, *args, *extra),
-                                cwd=tiny_pretrained.cwd, env=env(), stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
-
-    first = start("a")
-    lock = Path(f"{out}.writer")  # who holds the lock (the lock is on the results file itself)
-    deadline = time.monotonic() + 120
-    while not (lock.exists() and out.exists()):
-        assert first.poll() is None, first.communicate()[1][-2000:]
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-    waiter = start("w", "wait=true")
-    lock.unlink()  # a leftover-looking file deleted by hand lets no second writer in
+    args = [*PLAIN, "N=2000", "images_per_step=1", "max=4", f"outfile={out}"]
+    first = subprocess.Popen(cli(tiny_pretrained, tmp_path / "a", *args), cwd=tiny_pretrained.cwd,
+                             env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        for other in ([], ["N=7000"]):
-            r = subprocess.run(cli(tiny_pretrained, tmp_path / "b", *args, *other),
-                               cwd=tiny_pretrained.cwd, env=env(), capture_output=True,
-                               text=True, timeout=120)
-            errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
-            assert r.returncode == 2 and len(errors) == 1, r.stderr[-2000:]
-            assert "is being written by" in errors[0] and "wait=true" in errors[0]
+        lock = Path(f"{out}.writer")  # who holds the lock (the lock is on the results file itself)
+        deadline = time.monotonic() + 120
+        while not (lock.exists() and out.exists()):
+            assert first.poll() is None, first.communicate()[1][-2000:]
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        lock.unlink()  # a leftover-looking file deleted by hand lets no second writer in
+        for other in ([], ["N=2500"]):
+            with pytest.raises(ResultsError, match="is being written by.*wait=true"):
+                certify_tiny(tiny_pretrained, None, tmp_path / "b", *args, *other)
+        assert first.poll() is None, "the first writer ended before the refusals were checked"
+        capsys.readouterr()
+        res = certify_tiny(tiny_pretrained, None, tmp_path / "w", *args, "wait=true")
+        waited = capsys.readouterr().out
     finally:
-        out_w, err_w = waiter.communicate(timeout=300)
-        first.communicate(timeout=300)
-    assert first.returncode == 0 and waiter.returncode == 0, err_w[-2000:]
-    assert "waiting for" in out_w and "0 images to go (4 already" in out_w
+        _, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err[-2000:]
+    assert "waiting for" in waited and "0 images to go (4 already" in waited
+    assert res["done_before"] == 4 and res["todo"] == 0  # it waited, then found every image done
     assert done_indices(out) == list(range(4)) and not lock.exists()
 
 
@@ -264,27 +241,20 @@ def test_non_finite_weights_are_refused_when_loaded(tiny_pretrained, rejectors, 
 
 
 def test_divergence_stops_training_and_names_its_source(tiny_pretrained, tiny_cfg, tmp_path):
-    # frozen f gives NaN features and logits on the denoised inputs (the load's own check is
-    # bypassed here: the audit's case of a classifier that blows up on D's outputs)
-    from dsr_lightning.jobs import networks
-
-    real = networks.load_checkpoint
-
-    def nan_classifier(path, arch=None):
-        net = real(path, arch=arch)
-        if "cifar10_classifiers" in str(path):
-            net[1].conv1.weight.data.fill_(float("nan"))
-        return net
-
-    cfg = tiny_cfg(tiny_pretrained.override, out=tmp_path / "a")
-    try:
-        networks.load_checkpoint = nan_classifier
-        with pytest.raises(TrainingError, match=r"epoch 0, step 0: non-finite values first appear "
-                                                r"in the classifier's logits on D\(x\+ε\).*frozen "
-                                                r"classifier"):
-            train(cfg)
-    finally:
-        networks.load_checkpoint = real
+    # frozen f gives non-finite features and logits on the denoised inputs: a classifier file with
+    # finite but huge weights (it passes the load's own check for non-finite weights: the audit's
+    # case of a classifier that blows up on D's outputs)
+    ck = torch.load(tiny_pretrained.classifier, weights_only=True)
+    ck["state_dict"]["1.conv1.weight"] = torch.full_like(ck["state_dict"]["1.conv1.weight"], 3e38)
+    huge = tmp_path / "cifar10_classifiers" / "huge.pth.tar"
+    huge.parent.mkdir()
+    torch.save(ck, huge)
+    load_checkpoint(huge)  # loads: every weight is finite
+    cfg = tiny_cfg(tiny_pretrained.override, f"classifier.path={huge}", out=tmp_path / "a")
+    with pytest.raises(TrainingError, match=r"epoch 0, step 0: non-finite values first appear "
+                                            r"in the classifier's logits on D\(x\+ε\).*frozen "
+                                            r"classifier"):
+        train(cfg)
     assert not list((tmp_path / "a").glob("checkpoints/*.ckpt"))  # nothing saved
     # the rejector itself diverging: an absurd learning rate
     cfg = tiny_cfg(tiny_pretrained.override, "optim.phases.0.optimizer.lr=1e30", out=tmp_path / "b")
@@ -304,15 +274,18 @@ def test_broken_rejector_checkpoint_is_one_clear_error(tiny_pretrained, rejector
     assert not list((tmp_path / "res").glob("*.tsv*"))  # nothing written
 
 
-def test_broken_rejector_checkpoint_on_the_command_line(tiny_pretrained, tmp_path):
+def test_broken_rejector_checkpoint_on_the_command_line(tiny_pretrained, tmp_path, monkeypatch,
+                                                       capsys):
+    """certify.py's entry point (in process): exit status 2, one `error:` line, no traceback."""
     bad = tmp_path / "bad.ckpt"
     bad.write_bytes(os.urandom(3000))
-    r = subprocess.run(cli(tiny_pretrained, tmp_path / "run", "system=rejection",
-                           f"rejector_ckpt={bad}", f"outdir={tmp_path / 'res'}"),
-                       cwd=tiny_pretrained.cwd, env=env(), capture_output=True, text=True,
-                       timeout=120)
-    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
-    assert r.returncode == 2 and len(errors) == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    monkeypatch.chdir(tiny_pretrained.cwd)
+    rc = run_cli(["certify", "experiment=tiny", tiny_pretrained.override,
+                  f"hydra.run.dir={tmp_path / 'run'}", "system=rejection", f"rejector_ckpt={bad}",
+                  f"outdir={tmp_path / 'res'}"], monkeypatch)
+    err = capsys.readouterr().err
+    errors = error_lines(err)
+    assert rc == 2 and len(errors) == 1 and "Traceback" not in err, err[-2000:]
     assert f"cannot read checkpoint {bad}: it is truncated or not a PyTorch checkpoint" in errors[0]
     assert not list((tmp_path / "res").glob("*.tsv*"))
 

@@ -9,12 +9,12 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
-import pytorch_lightning as pl
 import torch
-from conftest import REPO
+from helpers import REPO, StepSpy, error_lines, run_cli
 from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
@@ -51,15 +51,15 @@ def test_configs_ship_inside_the_package():
     assert "statsmodels" not in deps  # the runtime does not use it: a dev dependency
 
 
-def test_python_m_from_another_folder(tmp_path):
+def test_python_m_from_another_folder(tmp_path, capsys):
     """The configs are found through the package (pkg://), not the working folder."""
     r = run_module("train", "--cfg", "job", "experiment=tiny", "sigma=0.5", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "sigma: 0.5" in r.stdout and "_target_: dsr_lightning.data.SyntheticDataModule" in r.stdout
     cfg = compose("certify", ["certify=quick"])  # certify.py's keys follow the preset
     assert (cfg.N, cfg.max, cfg.N0) == (1000, 100, 100) and compose("certify", ["N=7"]).N == 7
-    r = run_module("nonsense", cwd=tmp_path)
-    assert r.returncode == 2 and "usage: python -m dsr_lightning" in r.stderr
+    assert cli_main(["nonsense"]) == 2  # what `python -m dsr_lightning nonsense` exits with
+    assert "usage: python -m dsr_lightning" in capsys.readouterr().err
 
 
 def test_console_scripts_are_installed():
@@ -139,15 +139,18 @@ def test_denoiser_stage_needs_a_positive_sigma():
         check_train(compose("train", ["experiment=tiny", "stage=denoiser", "sigma=0"]))
 
 
-def test_cli_schema_errors_name_the_key_without_traceback(tmp_path):
-    r = run_module("train", "optim.epochs=two", cwd=tmp_path)
-    assert r.returncode != 0 and "optim.epochs" in r.stderr and "Traceback" not in r.stderr
-    r = run_module("train", "experiment=tiny", "T=0", f"hydra.run.dir={tmp_path / 'run'}",
-                   cwd=tmp_path)
-    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
-    assert r.returncode == 2 and errors == ["error: T=0: must be an integer >= 1 (noisy copies "
+def test_cli_schema_errors_name_the_key_without_traceback(tmp_path, monkeypatch, capsys):
+    """The train entry point (in process; the process boundary: test_training's CLI test)."""
+    monkeypatch.chdir(tmp_path)
+    assert run_cli(["train", "optim.epochs=two"], monkeypatch) != 0
+    err = capsys.readouterr().err
+    assert "optim.epochs" in err and "Traceback" not in err
+    rc = run_cli(["train", "experiment=tiny", "T=0", f"hydra.run.dir={tmp_path / 'run'}"],
+                 monkeypatch)
+    err = capsys.readouterr().err
+    assert rc == 2 and error_lines(err) == ["error: T=0: must be an integer >= 1 (noisy copies "
                                             "per image per step)"]
-    assert "Traceback" not in r.stderr and not (tmp_path / "run" / "checkpoints").exists()
+    assert "Traceback" not in err and not (tmp_path / "run" / "checkpoints").exists()
 
 
 # --- callbacks ------------------------------------------------------------------------------
@@ -186,27 +189,13 @@ def test_without_checkpoints_the_stage_exports_the_final_weights(tiny_cfg, tmp_p
 
 # --- manual optimisation: clipping and accumulation ------------------------------------------------
 
-class StepSpy(pl.Callback):
-    """Records the global gradient norm at every optimiser step, and the batch index."""
-
-    def __init__(self):
-        self.norms, self.batches = [], []
-
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
-        self.norms.append(float(torch.linalg.vector_norm(torch.stack(
-            [torch.linalg.vector_norm(g) for g in grads]))))
-        self.batches.append(trainer.fit_loop.epoch_loop.batch_idx)
-
-
 @pytest.mark.parametrize("accumulate", [1, 2])
-def test_gradient_clipping_and_accumulation(tiny_pretrained, tiny_cfg, monkeypatch, accumulate):
-    spy = StepSpy()
-    real = _callbacks
-    monkeypatch.setattr("dsr_lightning.jobs.training._callbacks", lambda cfg: [*real(cfg), spy])
+def test_gradient_clipping_and_accumulation(tiny_pretrained, tiny_cfg, accumulate):
+    # a spy among the callbacks, added through the config as a user adds one
     res = train(tiny_cfg(tiny_pretrained.override, "++trainer.gradient_clip_val=1e-3",
                          f"++trainer.accumulate_grad_batches={accumulate}",
-                         "trainer.limit_train_batches=4"))
+                         "trainer.limit_train_batches=4", "+callbacks.spy._target_=helpers.StepSpy"))
+    spy = StepSpy.last
     assert res["epochs"] == 1
     # 4 batches: a step every `accumulate` batches, each after clipping to the norm 1e-3
     assert len(spy.norms) == 4 // accumulate
@@ -224,26 +213,18 @@ def test_bad_manual_optimisation_settings(tiny_pretrained, tiny_cfg):
 
 # --- resume in place ------------------------------------------------------------------------
 
-class WorseLater(pl.Callback):
-    """From epoch 1 on, the monitored metric reads worse than anything before."""
-
-    def on_validation_end(self, trainer, pl_module):
-        if trainer.current_epoch >= 1:
-            trainer.callback_metrics["val/auroc"] = torch.tensor(-1.0)
-
-
-def test_resume_in_place_keeps_the_best_score(tiny_pretrained, tmp_path, monkeypatch):
+def test_resume_in_place_keeps_the_best_score(tiny_pretrained, tmp_path):
     run = tmp_path / "run"
     first = train(compose_run(tiny_pretrained, run, ["optim.epochs=1"]))
     best = Path(first["best"])
     before, score = best.read_bytes(), first["best_score"]
     assert Path(first["output_dir"]) == run
 
-    real = _callbacks
-    monkeypatch.setattr("dsr_lightning.jobs.training._callbacks", lambda cfg: [*real(cfg), WorseLater()])
     ckpt = run / "checkpoints" / "last.ckpt"
+    # the second run's epoch reads worse (helpers.WorseLater, added through the config)
     cfg = compose_run(tiny_pretrained, None, ["optim.epochs=2", "optim.phases.0.epochs=2",
-                                              f"ckpt_path={ckpt}"])
+                                              f"ckpt_path={ckpt}",
+                                              "+callbacks.worse._target_=helpers.WorseLater"])
     assert Path(cfg.hydra.run.dir) == run  # the run folder of the checkpoint
     second = train(cfg)
     assert second["epochs"] == 2 and Path(second["output_dir"]) == run
@@ -274,19 +255,30 @@ def compose_run(tiny, run: Path | None, overrides: list[str]):
 
 # --- how it went ----------------------------------------------------------------------------
 
-def test_entry_points_say_how_it_went(tiny_pretrained, tmp_path):
-    r = run_module("train", "experiment=tiny", f"hydra.run.dir={tmp_path / 'run'}",
-                   "rejector.threshold=auto", cwd=tiny_pretrained.cwd)
+def test_entry_points_say_how_it_went(tiny_pretrained, tmp_path, monkeypatch, capsys):
+    """train.py and certify.py end to end as launched processes, then certify's entry point again
+    in process on the same file (resumed)."""
+    r = subprocess.run([sys.executable, str(REPO / "train.py"), "experiment=tiny",
+                        f"hydra.run.dir={tmp_path / 'run'}", "rejector.threshold=auto"],
+                       cwd=tiny_pretrained.cwd, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, **ENV})
     assert r.returncode == 0, r.stderr[-2000:]
     assert re.search(r"best val/auroc = [-\d.e]+: .*best\.ckpt", r.stdout)
     assert "rejector threshold: " in r.stdout and "auto: acr" in r.stdout
-    args = ["certify", "experiment=tiny", "system=plain", f"outdir={tmp_path / 'res'}",
+    args = ["experiment=tiny", "system=plain", f"outdir={tmp_path / 'res'}",
             f"hydra.run.dir={tmp_path / 'c'}"]
-    for _ in range(2):  # a fresh file, then the same file resumed: the whole file's numbers
-        r = run_module(*args, cwd=tiny_pretrained.cwd)
-        assert r.returncode == 0, r.stderr[-2000:]
-        assert re.search(r"\| plain σ=0.25 \| [\d.]+ \|.* \| 4 \|", r.stdout), r.stdout
-        assert "| system | r=0 |" in r.stdout and "ACR" in r.stdout
+    r = subprocess.run([sys.executable, str(REPO / "certify.py"), *args], cwd=tiny_pretrained.cwd,
+                       capture_output=True, text=True, timeout=300, env={**os.environ, **ENV})
+    monkeypatch.chdir(tiny_pretrained.cwd)
+    capsys.readouterr()
+    for out in (r, None):  # a fresh file, then the same file resumed: the whole file's numbers
+        if out is None:
+            code = run_cli(["certify", *args], monkeypatch)
+            out = SimpleNamespace(returncode=code, **dict(zip(("stdout", "stderr"),
+                                                              capsys.readouterr())))
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert re.search(r"\| plain σ=0.25 \| [\d.]+ \|.* \| 4 \|", out.stdout), out.stdout
+        assert "| system | r=0 |" in out.stdout and "ACR" in out.stdout
 
 
 # --- the design document ------------------------------------------------------------------------

@@ -17,7 +17,7 @@ true radius.
 import numpy as np
 import pytest
 import torch
-from scipy.optimize import brentq
+from helpers import BAND, ISLAND, PLAIN, SELECTION_N0, Projection, selection_probs, wrong
 from scipy.special import bdtr, gammaln
 from scipy.stats import binom, norm
 
@@ -29,47 +29,7 @@ from dsr_lightning.smoothing import (
     cp_lower,
 )
 
-ALPHA, N, N0 = 0.01, 1000, 100
-
-
-class Intervals:
-    """u-axis cut at `edges` into intervals labelled `labels` (K = reject); noise σ."""
-
-    def __init__(self, edges, labels, K, sigma):
-        self.edges, self.labels, self.K, self.sigma = np.asarray(edges), np.asarray(labels), K, sigma
-
-    def probs(self, t):
-        """(..., K+1) probabilities of each label for u ~ N(t, σ²), t of any shape."""
-        t = np.asarray(t, dtype=np.float64)[..., None]
-        cdf = norm.cdf((self.edges - t) / self.sigma)  # (..., E)
-        cdf = np.concatenate([np.zeros_like(t), cdf, np.ones_like(t)], -1)
-        return np.diff(cdf, axis=-1) @ np.eye(self.K + 1)[self.labels]
-
-    def truth(self, t):
-        """(g_R at t, true robust radius): nearest sign change of the margin p_g − max other."""
-        g = int(np.argmax(self.probs(t)[:-1]))
-
-        def margin(s):
-            p = self.probs(s)[..., :-1]
-            return p[..., g] - np.delete(p, g, axis=-1).max(-1)
-
-        radius = np.inf
-        for step in (1e-3, -1e-3):  # scan each way to the first sign change, then refine
-            s = t + step * np.arange(6001)
-            hit = np.flatnonzero(margin(s) <= 0)
-            if len(hit) and hit[0] == 0:  # t on the boundary
-                return g, 0.0
-            if len(hit):
-                edge = brentq(margin, s[hit[0] - 1], s[hit[0]], xtol=1e-12)
-                radius = min(radius, abs(edge - t))
-        return g, radius
-
-
-BAND = Intervals([0.0, 0.5], [0, 2, 1], K=2, sigma=0.25)  # A | R | B, boundary at 0.25
-# A | R | C | R | B: B is the runner-up for t in [-0.2, 0.3], where 'runner_up' is tight and 'paper'
-# (which bounds B's mass and C's together by 1 − p_AR) loses 0.07 of radius at t = 0
-ISLAND = Intervals([0.0, 0.25, 0.35, 0.6], [0, 3, 2, 3, 1], K=3, sigma=0.5)
-PLAIN = Intervals([0.25], [0, 1], K=2, sigma=0.25)  # A | B, no rejection: Cohen's setting
+ALPHA, N, N0 = 0.01, 1000, SELECTION_N0  # the closed-form models: tests/helpers.py
 
 
 # ---------------------------------------------------------------- wrong certificates on purpose
@@ -110,10 +70,6 @@ def bound_fn(bound):
     return lambda counts, c_hat, sigma, alpha: certify_counts(counts, c_hat, sigma, alpha, bound)
 
 
-def wrong(pred, radius, g, r_true):
-    return (pred != ABSTAIN) & ((pred != g) | (radius > r_true))
-
-
 # ---------------------------------------------------------------- exact probabilities
 
 def trinomial_cells(K, c):
@@ -136,19 +92,6 @@ def trinomial_logpmf(counts, c, K, p):
     terms = [np.where(k == 0, 0.0, v) for k, v in zip((n_c, n_R, N - n_c - n_R), terms)]
     return (gammaln(N + 1) - gammaln(n_c + 1) - gammaln(n_R + 1) - gammaln(N - n_c - n_R + 1)
             + sum(terms))
-
-
-def selection_probs(model, t):
-    """(K,) exact P(ĉ = c) for ĉ = argmax over real classes of N0 draws, ties to the lowest."""
-    p, K = model.probs(t), model.K
-    grids = np.meshgrid(*[np.arange(N0 + 1)] * K, indexing="ij")
-    real = np.stack([g.ravel() for g in grids], 1)  # (cells, K)
-    real = real[real.sum(1) <= N0]
-    cells = np.column_stack([real, N0 - real.sum(1)])
-    with np.errstate(divide="ignore"):
-        logp = np.where(cells == 0, 0.0, cells * np.log(np.maximum(p, 1e-300)))
-    pmf = np.exp(gammaln(N0 + 1) - gammaln(cells + 1).sum(1) + logp.sum(1))
-    return np.bincount(real.argmax(1), weights=pmf, minlength=K)
 
 
 class Exact:
@@ -260,21 +203,6 @@ def test_exact_checker_fails_wrong_certificates(model, bound, name, kind):
 
 
 # ---------------------------------------------------------------- end to end through the engine
-
-class Projection(torch.nn.Module):
-    """f_R(z) = labels[interval of u = w·flatten(z)], z of shape (B, 1, 10, 10)."""
-
-    def __init__(self, model, w):
-        super().__init__()
-        self.num_classes = model.K
-        self.register_buffer("w", w)
-        self.register_buffer("edges", torch.tensor(model.edges, dtype=torch.float32))
-        self.register_buffer("labels", torch.tensor(model.labels))
-
-    def forward(self, z):
-        u = z.flatten(1) @ self.w  # (B,)
-        return self.labels[torch.bucketize(u, self.edges, right=True)]
-
 
 def certify_copies(model, t, M, n, bound, seed):
     """M copies of one 100-pixel image with w·x = t, certified in one call."""

@@ -1,10 +1,11 @@
 """Staged certification at a target radius (DESIGN.md §7): soundness, the failure of unadjusted
 looks, futility, sample savings, and the engine plumbing (only undecided images draw).
 
-Closed-form base classifiers as in test_smoothing_soundness.py (f_R depends on u = w·z only). A
-certificate is wrong when it is issued (any look's, whatever made the image stop) and its class is
-not g_R(x) or its radius exceeds the true radius. The target radius is set to the true radius,
-the worst case for a sequential design: it certifies exactly when some look's bound overshoots.
+Closed-form base classifiers as in test_smoothing_soundness.py (tests/helpers.py; f_R depends on
+u = w·z only). A certificate is wrong when it is issued (any look's, whatever made the image stop)
+and its class is not g_R(x) or its radius exceeds the true radius. The target radius is set to the
+true radius, the worst case for a sequential design: it certifies exactly when some look's bound
+overshoots.
 
 Exact: for K = 2 the cumulative counts (n_c, n_R) of look s live on a grid; the mass still going at
 look s is convolved with the pmf of the next stage's fresh draws (an independent multinomial
@@ -13,10 +14,10 @@ increment), so P(wrong certificate | ĉ = c) is a finite sum over the grid for e
 import numpy as np
 import pytest
 import torch
+from helpers import BAND, ISLAND, PLAIN, Projection, selection_probs, wrong
 from scipy.signal import correlate, fftconvolve
 from scipy.special import gammaln, xlogy
 from scipy.stats import binom
-from test_smoothing_soundness import BAND, ISLAND, PLAIN, Projection, selection_probs, wrong
 
 from dsr_lightning.smoothing import (
     SmoothedClassifier,
@@ -26,7 +27,7 @@ from dsr_lightning.smoothing import (
     staged_look,
 )
 
-ALPHA, N0 = 0.01, 100  # N0 as in test_smoothing_soundness (its selection_probs uses it)
+ALPHA, N0 = 0.01, 100  # N0 as in helpers.selection_probs
 LOOKS20 = tuple(range(50, 1001, 50))  # 20 looks
 TWO = ((40, 400), (0.3, 0.7))  # a two-look design small enough to enumerate on a 2-D grid
 BRIEF = ((100, 1000, 10_000), (0.1, 0.2, 0.7))  # DESIGN.md §7's example

@@ -10,12 +10,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import compose_tiny
-from hydra.core.hydra_config import HydraConfig
-from test_certify import certify_tiny
+from helpers import certify_tiny
 
 from dsr_lightning.jobs.threshold import main as threshold_main
-from dsr_lightning.jobs.training import train
 from dsr_lightning.results import jsonable
 from dsr_lightning.smoothing.threshold import candidates, choose_threshold, estimate
 
@@ -56,17 +53,10 @@ def test_never_rejecting_wins_when_the_heads_know_nothing():
 
 
 @pytest.fixture(scope="module")
-def auto_runs(tiny_pretrained, tmp_path_factory):
-    """Two tiny rejectors with threshold=auto, identical but for the test split's images."""
-    out = {}
-    for name, extra in (("a", []), ("b", ["data.num_test=48"])):
-        run = tmp_path_factory.mktemp(f"auto_{name}")
-        try:
-            out[name] = train(compose_tiny(run, [tiny_pretrained.override, "rejector.threshold=auto",
-                                                 "trainer.limit_train_batches=2", *extra]))
-        finally:
-            HydraConfig.instance().cfg = None
-    return out
+def auto_runs(rejector_runs):
+    """Two tiny rejectors with threshold=auto, identical but for
+    the test split's images: the session's seed-0 rejector and its twin with data.num_test=48."""
+    return {"a": rejector_runs[0], "b": rejector_runs["other_test"]}
 
 
 def test_the_threshold_depends_on_the_validation_split_only(auto_runs):

@@ -15,6 +15,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from helpers import run_cli
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
@@ -61,7 +62,7 @@ def metrics_csv(run_dir) -> pd.DataFrame:
     return pd.read_csv(Path(run_dir) / "csv" / "metrics.csv")
 
 
-def run_cli(*args, cwd, timeout=300, env=None):
+def train_cli(*args, cwd, timeout=300, env=None):
     return subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=cwd,
                           capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **SUBPROCESS_ENV, **(env or {})})
@@ -270,9 +271,11 @@ def test_rejector_loss_falls_on_a_learnable_problem():
 
 # --- the three stages, chained ---------------------------------------------------------------------
 
-def test_tiny_stages_chain(tiny_pretrained, tiny_cfg):
-    """experiment=tiny: classifier and denoiser exported (session fixture) where the rejector
-    stage reads them; the rejector checkpoint holds the same frozen networks and the config."""
+def test_tiny_stages_chain(tiny_trained, tiny_cfg):
+    """experiment=tiny: classifier and denoiser trained and exported by their stages (session
+    fixture) where the rejector stage reads them; the rejector checkpoint holds the same frozen
+    networks and the config."""
+    tiny_pretrained = tiny_trained
     assert load_checkpoint(tiny_pretrained.classifier).num_classes == 10
     for s, path in tiny_pretrained.denoisers.items():
         assert torch.load(path, weights_only=True)["sigma"] == s and f"noise_{s:.2f}" in str(path)
@@ -312,7 +315,8 @@ def test_export_refuses_to_overwrite(tiny_pretrained, tiny_cfg):
 # --- resume --------------------------------------------------------------------------------------
 
 def test_resume_continues_epoch_and_phase(tiny_pretrained, tiny_cfg):
-    common = (tiny_pretrained.override, "optim.epochs=3", PHASED)
+    common = (tiny_pretrained.override, "optim.epochs=3", PHASED, "trainer.limit_train_batches=2",
+              "trainer.limit_val_batches=1", "rejector.threshold=0")  # no threshold choice
     full = train(tiny_cfg(*common))
     part = train(tiny_cfg(*common, "trainer.max_epochs=2"))
     assert (full["epochs"], part["epochs"]) == (3, 2)
@@ -356,7 +360,7 @@ def test_resume_after_kill(tiny_pretrained, tmp_path):
     proc.wait()
     killed_at = torch.load(last, map_location="cpu", weights_only=False)["epoch"]
     assert killed_at < epochs - 1, "the run ended before it could be killed"
-    r = run_cli(*args, f"ckpt_path={last}", f"hydra.run.dir={tmp_path / 'b'}",
+    r = train_cli(*args, f"ckpt_path={last}", f"hydra.run.dir={tmp_path / 'b'}",
                 cwd=tiny_pretrained.cwd)
     assert r.returncode == 0, r.stderr[-3000:]
     final = torch.load(tmp_path / "b" / "checkpoints" / "last.ckpt", weights_only=False)
@@ -367,11 +371,14 @@ def test_resume_after_kill(tiny_pretrained, tmp_path):
 
 # --- sweeps, DDP, W&B --------------------------------------------------------------------------------
 
-def test_multirun_sweep_gives_separate_runs(tiny_pretrained, tmp_path):
+def test_multirun_sweep_gives_separate_runs(tiny_pretrained, tmp_path, monkeypatch, capsys):
+    """`train.py -m` (the entry point in process; Hydra's basic launcher runs the jobs in turn)."""
     sweep = tmp_path / "sweep"
-    r = run_cli("-m", "experiment=tiny", "sigma=0.25,0.5", "T=1,2", "trainer.limit_val_batches=1",
-                f"hydra.sweep.dir={sweep}", cwd=tiny_pretrained.cwd)
-    assert r.returncode == 0, r.stderr[-3000:]
+    monkeypatch.chdir(tiny_pretrained.cwd)
+    rc = run_cli(["train", "-m", "experiment=tiny", "sigma=0.25,0.5", "T=1,2",
+                  "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
+                  f"hydra.sweep.dir={sweep}"], monkeypatch)
+    assert rc == 0, capsys.readouterr().err[-3000:]
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
     assert len(jobs) == 4
     seen = set()
@@ -390,7 +397,7 @@ def test_multirun_sweep_gives_separate_runs(tiny_pretrained, tmp_path):
 @pytest.mark.slow
 def test_ddp_two_cpu_processes(tiny_pretrained, tmp_path):
     out = tmp_path / "ddp"
-    r = run_cli("experiment=tiny", "trainer=ddp", "trainer.accelerator=cpu",
+    r = train_cli("experiment=tiny", "trainer=ddp", "trainer.accelerator=cpu",
                 f"hydra.run.dir={out}", cwd=tiny_pretrained.cwd)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (out / "train_ddp_process_1.log").is_file()  # a second rank really ran
@@ -467,9 +474,13 @@ def test_unknown_stage_target_head(tiny_pretrained, tiny_cfg, override, match):
         train(tiny_cfg(tiny_pretrained.override, override))
 
 
-def test_cli_user_error_is_one_line_exit_2(tmp_path):
-    r = run_cli("experiment=tiny", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, timeout=120)
-    assert r.returncode == 2
-    assert "Traceback" not in r.stderr
-    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+def test_cli_user_error_is_one_line_exit_2(tmp_path, monkeypatch, capsys):
+    """train.py's entry point in process (the same exit path as certify.py's, whose launched
+    process test_certify.test_cli_error checks)."""
+    monkeypatch.chdir(tmp_path)
+    rc = run_cli(["train", "experiment=tiny", f"hydra.run.dir={tmp_path / 'run'}"], monkeypatch)
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "Traceback" not in err
+    errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and "classifier checkpoint not found" in errors[0]
