@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import compose_tiny
+from helpers import compose_tiny
 from hydra.core.hydra_config import HydraConfig
 from test_certify import certify_tiny
 from torch import nn

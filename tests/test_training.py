@@ -141,8 +141,10 @@ def test_targets_and_heads_on_a_hand_batch(target, head):
 
 
 @pytest.mark.parametrize("bad", [{"target": "foo"}, {"head": "both"}])
-def test_unknown_target_or_head_is_a_config_error(bad):
-    with pytest.raises(ConfigError, match="choose one of"):
+def test_unknown_target_or_head_is_refused_by_the_task_too(bad):
+    # the schema refuses it first with a ConfigError (test_unknown_stage_target_head); the task,
+    # given plain settings, guards itself with a plain ValueError
+    with pytest.raises(ValueError, match="choose a target of"):
         RejectorTask(PixelClassifier(), None, PixelRejector(), optim_cfg(), **bad)
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import compose_tiny
+from helpers import compose_tiny
 from hydra.core.hydra_config import HydraConfig
 
 from dsr_lightning.cli import main as cli_main
