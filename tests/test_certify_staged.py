@@ -20,7 +20,9 @@ from dsr_lightning.smoothing import staged_look
 # the session's tiny rejector and shared runs: conftest's `rejector` and `runs`
 ALPHA = 0.01
 STAGES, WEIGHTS, RADIUS = [10, 20, N], [0.2, 0.3, 0.5], 0.02
-STAGED = ["mode=staged", f"radius={RADIUS}", f"stages=[{','.join(map(str, STAGES))}]",
+# bound=paper by name: the session's random-init rejector never rejects (threshold +inf), and such
+# an f_R is otherwise certified with bound=cohen (jobs.certification._never_rejecting)
+STAGED = ["mode=staged", "bound=paper", f"radius={RADIUS}", f"stages=[{','.join(map(str, STAGES))}]",
           f"stage_weights=[{','.join(map(str, WEIGHTS))}]"]
 
 
@@ -74,7 +76,8 @@ def test_staged_saves_draws(staged_run):
 def test_one_stage_equals_certify_mode(runs, tiny_pretrained, rejector, tmp_path):
     """stages=[N], stage_weights=[1]: the same draws and certificates as mode=certify."""
     one = certify_tiny(tiny_pretrained, rejector, tmp_path, "system=rejection", "mode=staged",
-                       f"radius={RADIUS}", f"stages=[{N}]", "stage_weights=[1.0]")["outfile"]
+                       "bound=paper", f"radius={RADIUS}", f"stages=[{N}]",
+                       "stage_weights=[1.0]")["outfile"]
     a, b = pd.read_csv(runs("paper"), sep="\t"), pd.read_csv(one, sep="\t")
     cols = [c for c in CERTIFY_COLUMNS if c != "time"]
     pd.testing.assert_frame_equal(a[cols], b[cols])
@@ -141,7 +144,8 @@ def test_staged_cli(tiny_pretrained, tmp_path, monkeypatch, capsys):
     out = tmp_path / "cli.tsv"
     monkeypatch.chdir(tiny_pretrained.cwd)
     rc = run_cli(["certify", "experiment=tiny", tiny_pretrained.override,
-                  f"hydra.run.dir={tmp_path / 'run'}", "system=plain", *STAGED, f"N0={N0}",
+                  f"hydra.run.dir={tmp_path / 'run'}", "system=plain",
+                  *(o for o in STAGED if o != "bound=paper"), f"N0={N0}",
                   f"N={N}", "max=2", f"outfile={out}"], monkeypatch)
     assert rc == 0, capsys.readouterr().err[-3000:]
     df = pd.read_csv(out, sep="\t")

@@ -117,10 +117,12 @@ def settings_of(spec: CertificationSpec, system: str, sources: dict, data: dict,
 def _never_rejecting(cfg: DictConfig) -> None:
     """A rejection system whose threshold is +inf never rejects: p_R = 0 is known, not estimated,
     so it is certified as the denoised system is (one bound at α, bound=cohen) instead of spending
-    α/2 on each of two bounds; the file's name and record say so. (Before any file is touched.)"""
-    if cfg.system.name != "rejection" or cfg.bound == "cohen" or not cfg.get("rejector_ckpt") \
-            or not Path(cfg.rejector_ckpt).is_file():
-        return
+    α/2 on each of two bounds; the file's name and record say so. (Before any file is touched.)
+    A bound asked for by name (bound=..., certify.bound=...) is kept."""
+    explicit = not OmegaConf.is_interpolation(cfg, "bound") or cfg.certify.bound is not None
+    if cfg.system.name != "rejection" or cfg.bound == "cohen" or explicit \
+            or not cfg.get("rejector_ckpt") or not Path(cfg.rejector_ckpt).is_file():
+        return  # (a bound asked for by name is kept)
     t = cfg.get("threshold")
     if t is None:
         t = RunCheckpoint.read(cfg.rejector_ckpt, weights=False).threshold()

@@ -31,12 +31,12 @@ def train_hint(role: str, spec, sigma: float | None) -> str:
         # what else decides where the file goes: the experiment and pretrained_root, as given
         extra = [o for o in hc.overrides.task
                  if o.split("=")[0].lstrip("+~") in ("experiment", "pretrained_root", "data")]
-    cmd = " ".join(["python train.py", f"stage={role}", f"{role}={option}", *extra])
+    cmd = f"python train.py stage={role} {role}={option}"
     if role == "classifier" and float(spec.get("noise_sd") or 0) > 0:
         cmd += f" classifier.noise_sd={float(spec.noise_sd):g}"
     if role == "denoiser" and sigma is not None:
         cmd += f" sigma={float(sigma):g}"
-    return cmd
+    return " ".join([cmd, *extra])
 
 
 def sigma_of(ckpt: dict, path: str | Path) -> float | None:
