@@ -31,8 +31,9 @@ from hydra.utils import instantiate
 
 from dsr_lightning.config import compose
 from dsr_lightning.data import SmoothingDataModule
+from dsr_lightning.jobs.networks import build_fresh
 from dsr_lightning.models import freeze
-from dsr_lightning.tasks import RejectorTask, build_fresh
+from dsr_lightning.tasks import RejectorTask
 
 CL = torch.channels_last
 
@@ -43,7 +44,8 @@ def build(config: str, T: int, denoiser: str | None = None):
     denoiser option, e.g. memnet); tiny = experiment=tiny."""
     over = [f"T={T}"] + (["experiment=tiny"] if config == "tiny" else [])
     cfg = compose("train", over + ([f"denoiser={denoiser}"] if denoiser else []))
-    f, d = freeze(build_fresh(cfg.classifier)), freeze(build_fresh(cfg.denoiser))
+    f = freeze(build_fresh("classifier", cfg.classifier))
+    d = freeze(build_fresh("denoiser", cfg.denoiser))
     r = instantiate(cfg.rejector.net)(num_classes=f.num_classes, feature_channels=f.feature_channels)
     return cfg, f, d, r
 

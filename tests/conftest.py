@@ -64,7 +64,7 @@ def tiny_pretrained(tmp_path_factory) -> SimpleNamespace:
                                                    *([f"sigma={sigma}"] if sigma else [])])
             spec = cfg[role]
             extra = {"sigma": float(sigma)} if sigma else {"noise_sd": float(spec.noise_sd)}
-            paths[sigma] = save_checkpoint(spec.path, build_fresh(spec), arch=spec.arch,
+            paths[sigma] = save_checkpoint(spec.path, build_fresh(role, spec), arch=spec.arch,
                                            arch_kwargs=dict(spec.get("arch_kwargs") or {}),
                                            config=to_dict(cfg), **extra)
     finally:

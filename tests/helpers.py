@@ -249,3 +249,44 @@ class WorseLater(pl.Callback):
         if trainer.current_epoch >= 1:
             trainer.callback_metrics["val/auroc"] = torch.tensor(-1.0)
 
+
+
+# --- user data and networks (bring your own) --------------------------------------------------
+
+def make_image_folder(root: Path, classes=("cat", "dog", "owl"), train: int = 12, test: int = 4,
+                      size: tuple[int, int] = (40, 36), seed: int = 0) -> Path:
+    """An ImageFolder data set as a user has one: root/{train,test}/<class>/<n>.png, small RGB
+    PNGs of different sizes whose mean colour depends on the class (learnable)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", train), ("test", test)):
+        for k, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                h, w = size[0] + i % 3, size[1] + i % 2  # the folder's images differ in size
+                base = np.zeros(3)
+                base[k % 3] = 160
+                img = np.clip(base + rng.normal(0, 40, (h, w, 3)) + 40, 0, 255).astype(np.uint8)
+                Image.fromarray(img).save(folder / f"{i}.png")
+    return root
+
+
+class MemoryBoundNet(torch.nn.Module):
+    """A small convolutional classifier that runs out of memory (a simulated CUDA OOM) on inputs
+    of more than `max_batch` images: what certify.batch=auto must find and stay under."""
+
+    def __init__(self, num_classes: int = 3, max_batch: int = 48, width: int = 8):
+        super().__init__()
+        self.max_batch = max_batch
+        self.conv = torch.nn.Conv2d(3, width, 3, stride=4, padding=1)
+        self.layer1 = torch.nn.Sequential(torch.nn.Conv2d(width, width, 3, stride=2, padding=1),
+                                          torch.nn.ReLU())
+        self.fc = torch.nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if len(x) > self.max_batch:
+            raise torch.OutOfMemoryError(f"CUDA out of memory (simulated: {len(x)} > "
+                                         f"{self.max_batch} images)")
+        return self.fc(self.layer1(torch.relu(self.conv(x))).mean((2, 3)))

@@ -193,7 +193,7 @@ BAD = {  # overrides: what the error message must say
     "missing classifier": (["system=denoised", "classifier.path=/nonexistent/c.pth.tar"],
                            "classifier checkpoint not found"),
     "sigma of denoiser": (["system=denoised", "sigma=1.0", "denoiser.path=${pretrained_root}/"
-                           "trained_denoisers/cifar10/mse_obj/dncnn_tiny/noise_0.50/"
+                           "trained_denoisers/${data.name}/mse_obj/dncnn_tiny/noise_0.50/"
                            "checkpoint.pth.tar"], "trained for sigma=0.5"),
     "N0 > N": (["N0=200", "N=100"], "N0=200 > N=100"),
     "alpha 0": (["alpha=0"], "alpha=0.0: must be a number in (0, 1)"),

@@ -3,17 +3,21 @@ schedule are what the configs say."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
+from helpers import make_image_folder
 from hydra.errors import MissingConfigException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
 
 from dsr_lightning.config import CONFIG_DIR, to_dict
-from dsr_lightning.data import SmoothingDataModule, SyntheticDataModule
+from dsr_lightning.data import SmoothingDataModule
 from dsr_lightning.jobs.networks import build_fresh
-from dsr_lightning.models import build_arch
+from dsr_lightning.models import DnCNN, ResNet, build_arch
 from dsr_lightning.tasks import phase_bounds
 from dsr_lightning.tasks.rejector import HEADS, TARGETS
 
@@ -72,13 +76,41 @@ def test_paths_follow_the_published_layout(tiny_cfg):
     assert "ResNet110_90epochs/noise_0.12/" in cfg.classifier.path
 
 
+def _required(group: str, opt: str, tmp: Path) -> list[str]:
+    """The settings an option has no default for (a user's folder, file or class), made here."""
+    if (group, opt) == ("data", "imagefolder"):
+        return [f"data.root={make_image_folder(tmp / 'folder', train=2, test=1)}"]
+    if (group, opt) == ("data", "npz"):
+        x = np.zeros((4, 20, 20, 1), np.uint8)
+        np.savez(tmp / "own.npz", x_train=x, y_train=np.arange(4) % 2, x_test=x[:2],
+                 y_test=np.arange(2))
+        return [f"data.path={tmp / 'own.npz'}"]
+    if opt == "file":
+        net = ResNet(8) if group == "classifier" else DnCNN(depth=3)
+        torch.jit.save(torch.jit.script(net), tmp / f"{group}.pt")
+        extra = ["classifier.mean=[0.5,0.5,0.5]", "classifier.std=[0.2,0.2,0.2]"] \
+            if group == "classifier" else []
+        return [f"{group}.path={tmp / f'{group}.pt'}", *extra]
+    if (group, opt) == ("classifier", "module"):
+        return ["classifier.net._target_=torchvision.models.resnet18",
+                "+classifier.net.num_classes=10", "classifier.mean=[0.5,0.5,0.5]",
+                "classifier.std=[0.2,0.2,0.2]"]
+    if (group, opt) == ("classifier", "torchvision"):
+        return ["classifier.num_classes=10"]
+    if (group, opt) == ("denoiser", "module"):
+        return ["denoiser.net._target_=dsr_lightning.models.DnCNN", "+denoiser.net.depth=3"]
+    return []
+
+
 @pytest.mark.parametrize("opt", options("data"))
-def test_data_options_instantiate(tiny_cfg, opt):
-    cfg = tiny_cfg(f"data={opt}", "sigma=0.5", "T=3", experiment=None)
+def test_data_options_instantiate(tiny_cfg, tmp_path, opt):
+    cfg = tiny_cfg(f"data={opt}", "sigma=0.5", "T=3", *_required("data", opt, tmp_path),
+                   experiment=None)
     dm = instantiate(cfg.data)
     assert isinstance(dm, SmoothingDataModule)
     assert (dm.sigma, dm.T, dm.seed) == (0.5, 3, cfg.seed)
-    if isinstance(dm, SyntheticDataModule):  # the only one whose files are always here
+    assert cfg.data.name and cfg.data.name != "None"  # it names the exports
+    if opt in ("synthetic", "imagefolder", "npz"):  # those whose files are here
         x, y = next(iter(dm.train_dataloader()))
         out = dm.add_noise((x, y))
         assert out["noisy"].shape == (3 * len(x), *x.shape[1:])
@@ -86,24 +118,28 @@ def test_data_options_instantiate(tiny_cfg, opt):
 
 
 @pytest.mark.parametrize("opt", options("classifier"))
-def test_classifier_options_build(tiny_cfg, opt):
-    cfg = tiny_cfg(f"classifier={opt}", experiment=None)
-    net = build_fresh(cfg.classifier).eval()
-    assert net.num_classes == 10 and net.feature_channels == [16, 32, 64]
+def test_classifier_options_build(tiny_cfg, tmp_path, opt):
+    cfg = tiny_cfg(f"classifier={opt}", *_required("classifier", opt, tmp_path), experiment=None)
+    net = build_fresh("classifier", cfg.classifier).eval()
+    k = 1000 if opt == "imagenet_resnet50" else 10
+    assert net.num_classes == k
     with torch.no_grad():
         logits, feats = net.forward_features(torch.rand(2, 3, 32, 32))
-    assert logits.shape == (2, 10) and [f.shape[1] for f in feats] == net.feature_channels
+    assert logits.shape == (2, k) and [f.shape[1] for f in feats] == net.feature_channels
+    if cfg.classifier.source == "arch" and opt != "imagenet_resnet50":
+        assert net.feature_channels == [16, 32, 64]  # Cohen's ResNets: layer1..3
     assert cfg.classifier.noise_sd == 0.0 and cfg.classifier.name
 
 
 @pytest.mark.parametrize("opt", options("denoiser"))
-def test_denoiser_options_build(tiny_cfg, opt):
-    cfg = tiny_cfg(f"denoiser={opt}", experiment=None)
-    net = build_fresh(cfg.denoiser).eval()
+def test_denoiser_options_build(tiny_cfg, tmp_path, opt):
+    cfg = tiny_cfg(f"denoiser={opt}", *_required("denoiser", opt, tmp_path), experiment=None)
+    net = build_fresh("denoiser", cfg.denoiser).eval()
     x = torch.rand(1, 3, 32, 32)
     with torch.no_grad():
         assert net(x).shape == x.shape
-    assert cfg.denoiser.name in cfg.denoiser.path and "noise_0.25" in cfg.denoiser.path
+    if cfg.denoiser.source == "arch":
+        assert cfg.denoiser.name in cfg.denoiser.path and "noise_0.25" in cfg.denoiser.path
 
 
 @pytest.mark.parametrize("opt", options("rejector"))

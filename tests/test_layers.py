@@ -21,6 +21,8 @@ BELOW = {
     "jobs": {"errors", "smoothing", "models", "data", "results", "tasks", "config", "reports"},
     "cli": {"errors", "smoothing", "models", "data", "results", "tasks", "config", "reports",
             "jobs"},
+    # the Python API: beside cli, on top of the jobs
+    "api": {"errors", "smoothing", "models", "data", "results", "tasks", "jobs"},
 }
 ENTRY = {"__main__", "threshold"}  # entry points: they call cli
 # the package root (only the version: imported by any layer, imports nothing) and the YAML tree

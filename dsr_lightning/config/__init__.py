@@ -50,6 +50,21 @@ def safe_name(text: str, limit: int = 160) -> str:
     return f"{text[:limit]}~{hashlib.sha1(text.encode()).hexdigest()[:8]}"
 
 
+def basename(path) -> str:
+    """`${basename:${data.root}}`: a folder's (or file's) name, for names of runs and exports."""
+    return Path(str(path)).name if path else "none"
+
+
+def stem(path) -> str:
+    """`${stem:${classifier.path}}`: a file's name without its suffixes."""
+    return Path(str(path)).name.split(".")[0] if path else "none"
+
+
+def leaf(target) -> str:
+    """`${leaf:${classifier.net._target_}}`: the last component of a dotted name, lowercase."""
+    return str(target).rsplit(".", 1)[-1].lower() if target else "none"
+
+
 def run_dir(ckpt_path, default: str) -> str:
     """hydra.run.dir: a resumed run (ckpt_path=<run>/checkpoints/<file>.ckpt) continues in <run>;
     anything else gets `default`, a new folder."""
@@ -104,6 +119,7 @@ def unique_name(base: str) -> str:
 
 
 for _name, _fn in (("fmt2", fmt2), ("first", first), ("tag", tag), ("safe_name", safe_name),
+                   ("basename", basename), ("stem", stem), ("leaf", leaf),
                    ("run_dir", run_dir), ("record_dir", record_dir),
                    ("sweep_group", sweep_group), ("unique_name", unique_name)):
     if not OmegaConf.has_resolver(_name):

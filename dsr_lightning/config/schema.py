@@ -37,16 +37,29 @@ MANUAL_KEYS = ("gradient_clip_val", "gradient_clip_algorithm", "accumulate_grad_
 
 @dataclass
 class NetConfig:
-    """A network by architecture name and the path of its published-form file."""
+    """How a network is built (jobs/networks.py): by architecture name and a published-form file
+    (source=arch), a torchvision model, any nn.Module class, or a whole-network file."""
     name: str = MISSING
-    arch: str = MISSING
+    source: str = "arch"       # arch | torchvision | module | file
+    arch: str | None = None    # source=arch: a name of models.ARCHS
     arch_kwargs: dict[str, Any] = field(default_factory=dict)
-    path: str = MISSING
+    model: str | None = None   # source=torchvision: a torchvision.models name
+    weights: str | None = None  # source=torchvision: DEFAULT, IMAGENET1K_V2, ... (downloaded)
+    kwargs: dict[str, Any] = field(default_factory=dict)  # source=torchvision: more arguments
+    num_classes: int | None = None  # torchvision/module: null = the data's class count
+    net: dict[str, Any] = field(default_factory=dict)  # source=module: _target_ and arguments
+    path: str | None = None    # the weights (arch: published form; torchvision/module: a state
+    #                            dict; file: TorchScript)
+    strip_prefix: str | None = None  # keys under this prefix only, without it ('model.')
+    trust_pickle: bool = False  # source=file: allow a pickled whole module (runs its code)
 
 
 @dataclass
 class ClassifierConfig(NetConfig):
     noise_sd: float = 0.0  # > 0: Cohen et al.'s Gaussian-augmented classifier (pixel units)
+    mean: list[float] | None = None  # input normalisation (null: weights', arch's, data's)
+    std: list[float] | None = None
+    feature_layers: list[str] | None = None  # fused into the rejector (null: the defaults)
 
 
 @dataclass
@@ -110,7 +123,7 @@ class CertifySettings:
     alpha: float = 0.01
     skip: int = 1
     max: int = -1
-    batch: int = 1000
+    batch: Any = 1000          # samples per forward pass, or auto: the largest that fits
     images_per_step: int = 4
     bound: str | None = None   # null: the system's own (paper for rejection, cohen otherwise)
     mode: str = "certify"
@@ -172,7 +185,7 @@ class CertifyConfig(CommonConfig):
     alpha: float = II("certify.alpha")
     skip: int = II("certify.skip")
     max: int = II("certify.max")
-    batch: int = II("certify.batch")
+    batch: Any = II("certify.batch")
     images_per_step: int = II("certify.images_per_step")
     mode: str = II("certify.mode")
     split: str = II("certify.split")
@@ -279,8 +292,11 @@ def check_certify_settings(c, prefix: str = "") -> None:
     """The certification numbers (certify.py's top level, or train.py's `certify` node)."""
     _alpha(f"{prefix}alpha", c.alpha)
     n0, n = _int(f"{prefix}N0", c.N0), _int(f"{prefix}N", c.N)
-    for k in ("batch", "images_per_step", "skip"):
+    for k in ("images_per_step", "skip"):
         _int(f"{prefix}{k}", c[k])
+    if c.batch != "auto":
+        _int(f"{prefix}batch", c.batch, what=" (noisy samples per forward pass) or auto (the "
+             "largest that fits)")
     if isinstance(c.max, bool) or not isinstance(c.max, numbers.Integral) or c.max < -1:
         raise ConfigError(f"{prefix}max={c.max}: must be an integer >= 0 (stop before this index) "
                           "or -1 (the whole split)")

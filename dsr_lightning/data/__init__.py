@@ -2,7 +2,15 @@
 
 from dsr_lightning.errors import DataError
 
-from .base import CIFAR10_CLASSES, SmoothingDataModule, TransformedSubset
+from .base import (
+    CIFAR10_CLASSES,
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    SmoothingDataModule,
+    TransformedSubset,
+)
 from .cifar10 import (
     SUBSET_PATH,
     SUBSET_SHA256,
@@ -10,10 +18,14 @@ from .cifar10 import (
     CIFAR10SubsetDataModule,
     load_subset,
 )
+from .folder import ImageFolderDataModule, ImageLoader, ImageNetDataModule
+from .npz import NpzDataModule, ToFloat, load_npz
 from .synthetic import SyntheticDataModule
 
 __all__ = [
-    "CIFAR10_CLASSES", "SUBSET_PATH", "SUBSET_SHA256", "CIFAR10DataModule",
-    "CIFAR10SubsetDataModule", "DataError", "SmoothingDataModule", "SyntheticDataModule",
-    "TransformedSubset", "load_subset",
+    "CIFAR10_CLASSES", "CIFAR10_MEAN", "CIFAR10_STD", "IMAGENET_MEAN", "IMAGENET_STD",
+    "SUBSET_PATH", "SUBSET_SHA256", "CIFAR10DataModule", "CIFAR10SubsetDataModule", "DataError",
+    "ImageFolderDataModule", "ImageLoader", "ImageNetDataModule", "NpzDataModule",
+    "SmoothingDataModule", "SyntheticDataModule", "ToFloat", "TransformedSubset", "load_npz",
+    "load_subset",
 ]

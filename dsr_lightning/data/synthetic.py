@@ -15,8 +15,10 @@ class SyntheticDataModule(SmoothingDataModule):
     Prototypes are smooth (a random 4x4 pattern upsampled), so classes differ both in pixel
     layout and in mean colour: a linear layer or a conv + global pooling learns them in a few
     steps. Deterministic given `seed` and the sizes; no augmentation; `val_fraction` is unused
-    (val has `num_val` samples drawn like the training ones).
+    (val has `num_val` samples drawn like the training ones). name "synthetic".
     """
+
+    DEFAULT_NAME = "synthetic"
 
     def __init__(self, num_train: int = 256, num_val: int = 64, num_test: int = 64,
                  image_size: int = 32, channels: int = 3, num_classes: int = 10,

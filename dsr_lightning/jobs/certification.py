@@ -16,10 +16,12 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 import dsr_lightning
-from dsr_lightning.config.schema import check_certify
+from dsr_lightning.config import to_dict
+from dsr_lightning.config.schema import ClassifierConfig, DenoiserConfig, check_certify
 from dsr_lightning.errors import ConfigError
+from dsr_lightning.jobs import networks
 from dsr_lightning.jobs.interrupt import stop_on_signals
-from dsr_lightning.jobs.networks import load_frozen
+from dsr_lightning.jobs.networks import DataFacts, data_facts
 from dsr_lightning.jobs.run_checkpoint import RunCheckpoint
 from dsr_lightning.models import SmoothingSystem
 from dsr_lightning.results import FORMAT, ResultsFile, WriterLock
@@ -43,7 +45,8 @@ def spec_of(cfg: DictConfig) -> CertificationSpec:
     return CertificationSpec(
         mode=cfg.mode, sigma=float(cfg.sigma), N0=int(cfg.N0), N=int(cfg.N),
         alpha=float(cfg.alpha), bound=cfg.bound, seed=int(cfg.seed), split=cfg.split,
-        skip=int(cfg.skip), max=int(cfg.max), batch=int(cfg.batch),
+        skip=int(cfg.skip), max=int(cfg.max),
+        batch="auto" if cfg.batch == "auto" else int(cfg.batch),
         images_per_step=int(cfg.images_per_step), bf16=bool(cfg.bf16),
         channels_last=bool(cfg.channels_last), compile=bool(cfg.compile),
         allow_out_of_range=bool(cfg.get("allow_out_of_range", False)),
@@ -56,7 +59,7 @@ def spec_of(cfg: DictConfig) -> CertificationSpec:
                           if cfg.attack_step_size is None else float(cfg.attack_step_size)))
 
 
-def build_system(cfg: DictConfig) -> tuple[SmoothingSystem, dict]:
+def build_system(cfg: DictConfig, data: DataFacts | None = None) -> tuple[SmoothingSystem, dict]:
     """The base classifier of the chosen system, and what it was built from: the paths, the
     sha256 of each checkpoint's content, and a description for reports."""
     name = cfg.system.name
@@ -70,9 +73,10 @@ def build_system(cfg: DictConfig) -> tuple[SmoothingSystem, dict]:
                               "rejector_ckpt=<run>/checkpoints/best.ckpt")
         ckpt = RunCheckpoint.read(cfg.rejector_ckpt)
         system = ckpt.rejection_system(cfg.sigma, cfg.get("threshold"))
+        _check_classes(system.num_classes, data, f"the rejector {ckpt.path}")
         run = ckpt.config
         return system, {
-            "classifier": run["classifier"]["path"], "denoiser": run["denoiser"]["path"],
+            "classifier": run["classifier"].get("path"), "denoiser": run["denoiser"].get("path"),
             "rejector": str(ckpt.path.resolve()), "classifier_sha256": None,
             "denoiser_sha256": None, "rejector_sha256": sha256_of(ckpt.path),
             "threshold": system.threshold,
@@ -80,15 +84,97 @@ def build_system(cfg: DictConfig) -> tuple[SmoothingSystem, dict]:
                     "objective": run["denoiser"].get("objective"), "T": run["T"],
                     "head": run["rejector"]["head"], "target": run["rejector"]["target"],
                     "threshold_choice": ckpt.threshold_choice, "wandb": ckpt.wandb}}
-    clf = load_frozen("classifier", cfg.classifier)
-    den = load_frozen("denoiser", cfg.denoiser, sigma=cfg.sigma) if name == "denoised" else None
-    return SmoothingSystem(clf, den), {
-        "classifier": str(cfg.classifier.path), "denoiser": str(cfg.denoiser.path) if den else None,
-        "rejector": None, "classifier_sha256": sha256_of(cfg.classifier.path),
-        "denoiser_sha256": sha256_of(cfg.denoiser.path) if den else None, "rejector_sha256": None,
+    clf = networks.build("classifier", cfg.classifier, data=data)
+    den = networks.build("denoiser", cfg.denoiser, sigma=cfg.sigma, data=data) \
+        if name == "denoised" else None
+    print(networks.describe("classifier", clf.recipe), flush=True)
+    if den is not None:
+        print(networks.describe("denoiser", den.recipe), flush=True)
+
+    def sha(node, net) -> str:  # the weights file's, or (torchvision's own weights) the tensors'
+        path = node.get("path")
+        return sha256_of(path) if path and Path(str(path)).is_file() else net.recipe["state_sha256"]
+
+    return SmoothingSystem(clf.module, den.module if den else None), {
+        "classifier": cfg.classifier.get("path") or clf.recipe.get("weights"),
+        "denoiser": cfg.denoiser.get("path") if den else None,
+        "rejector": None, "classifier_sha256": sha(cfg.classifier, clf),
+        "denoiser_sha256": sha(cfg.denoiser, den) if den else None, "rejector_sha256": None,
         "run": {"classifier": cfg.classifier.name, "noise_sd": float(cfg.classifier.noise_sd),
                 "denoiser": cfg.denoiser.name if den else None,
                 "objective": cfg.denoiser.objective if den else None, "T": None}}
+
+
+def _check_classes(k: int, data: DataFacts | None, what: str) -> None:
+    if data is not None and data.num_classes is not None and data.num_classes != k:
+        raise ConfigError(f"{what} has {k} classes, but the data ({data.name}) has "
+                          f"{data.num_classes}: certify it on the data it was trained for (drop "
+                          "data=..., so the checkpoint's is used)")
+
+
+def _command_line_keys() -> list[str]:
+    """The keys the command line set (`classifier=x` -> 'classifier', `+a.b=1` -> 'a.b')."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return []
+    return [o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task]
+
+
+def adopt_checkpoint(cfg: DictConfig, given: list[str] | None = None) -> None:
+    """system=rejection: the networks, σ and (unless data=... is given) the data come from the
+    rejector checkpoint, so `certify.py rejector_ckpt=<best.ckpt>` alone certifies what was
+    trained, on the data it was trained for. A command-line setting of the classifier, the
+    denoiser or σ that disagrees with the checkpoint is refused, naming the key."""
+    if cfg.system.name != "rejection" or not cfg.get("rejector_ckpt") \
+            or not Path(cfg.rejector_ckpt).is_file():
+        return
+    ckpt = RunCheckpoint.read(cfg.rejector_ckpt, weights=False)
+    if ckpt.stage != "rejector":
+        return  # refused with its own message when the system is built
+    run = ckpt.config
+    given = _command_line_keys() if given is None else given
+    mine = to_dict(cfg)
+    for key in given:
+        top = key.split(".")[0]
+        if top not in ("classifier", "denoiser", "sigma"):
+            continue
+        have = OmegaConf.select(OmegaConf.create(mine), key, default=None)
+        recorded = OmegaConf.select(OmegaConf.create({k: run.get(k) for k in
+                                                      ("classifier", "denoiser", "sigma")}),
+                                    key, default=None)
+        if _differs(have, recorded) and key == "sigma":
+            raise ConfigError(f"the rejector {ckpt.path} was trained for sigma={recorded:g}, but "
+                              f"sigma={have:g} was asked: drop sigma=... (the checkpoint's is "
+                              "used) or train a rejector for this sigma")
+        if _differs(have, recorded):
+            raise ConfigError(
+                f"{key}={_short(have)} disagrees with the rejector checkpoint {ckpt.path}, whose "
+                f"{key} is {_short(recorded)}: certify.py rebuilds the networks and sigma from the "
+                f"checkpoint; drop {key}=... (or train a rejector for it)")
+    data_given = any(k == "data" for k in given)
+    with open_dict(cfg):
+        cfg.sigma = run["sigma"]
+        for role, kind in (("classifier", ClassifierConfig), ("denoiser", DenoiserConfig)):
+            recorded = {k: v for k, v in run[role].items() if k in cfg[role]}
+            cfg[role] = OmegaConf.merge(OmegaConf.structured(kind), recorded)
+        if not data_given:
+            node = OmegaConf.create(run["data"])
+            for key in given:  # data.<key>=... on the command line still applies
+                if key.startswith("data."):
+                    OmegaConf.update(node, key[5:], OmegaConf.select(cfg, key), force_add=True)
+            cfg.data = node
+
+
+def _differs(a, b) -> bool:
+    if isinstance(a, int | float) and isinstance(b, int | float) and not isinstance(a, bool):
+        return abs(float(a) - float(b)) > 1e-9
+    return a != b
+
+
+def _short(v) -> str:
+    text = str(v)
+    return text if len(text) <= 120 else text[:117] + "..."
 
 
 def settings_of(spec: CertificationSpec, system: str, sources: dict, data: dict,
@@ -159,10 +245,13 @@ def _main_process() -> bool:
     return int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
 
 
-def certify(cfg: DictConfig) -> dict:
+def certify(cfg: DictConfig, adopt: bool = True) -> dict:
     """Certify the configured split; rows stream to cfg.outfile, written by this process alone.
-    Returns the paths, the counts, the summary of the whole file and its Markdown table row."""
+    Returns the paths, the counts, the summary of the whole file and its Markdown table row.
+    `adopt`: take the networks, σ and data of the rejector checkpoint (adopt_checkpoint)."""
     check_certify(cfg)
+    if adopt:
+        adopt_checkpoint(cfg)
     _never_rejecting(cfg)
     spec = spec_of(cfg)
     main = _main_process()
@@ -170,9 +259,9 @@ def certify(cfg: DictConfig) -> dict:
     if main:
         lock.acquire(wait=bool(cfg.get("wait", False)))  # before any work: writable, and ours
     try:
-        system, sources = build_system(cfg)
         datamodule = instantiate(cfg.data)
         dataset = datamodule.dataset(spec.split)  # prepares and sets up what it needs
+        system, sources = build_system(cfg, data_facts(datamodule))
         if len(dataset) == 0:
             raise ConfigError(f"split={spec.split} of data={type(datamodule).__name__} holds no "
                               "images: nothing to certify (choose another split, or data with "
@@ -283,7 +372,7 @@ def certify_after_fit(train_cfg: DictConfig, rejector_ckpt: str, outdir: Path,
     for system in train_cfg.certify.systems:
         ckpt = str(rejector_ckpt) if system == "rejection" else None
         cfg = job_config(train_cfg, system, ckpt, outdir if system == "rejection" else shared)
-        res = certify(cfg)
+        res = certify(cfg, adopt=False)
         out[system] = {"file": res["outfile"], "acr": res["acr"], "acc": res["acc"],
                        "table": res["table"]}
         if wandb_runs:

@@ -1,15 +1,50 @@
-"""Networks from a config node: frozen ones loaded by path, with errors that say how to get the
-file, and fresh ones for the auxiliary stages."""
+"""Networks from a config node, from anywhere: by name (the published architectures), any
+torchvision model, any `nn.Module` class (`_target_`), or a whole-network file (TorchScript). Each
+build returns the network and its *recipe*: the resolved node (the architecture's arguments as
+the file had them, the class count read from the network, the normalisation and where it came
+from, the fusion layers, the input shape) and a hash of its weights. The rejector checkpoint keeps
+the recipes, so certification, the threshold tool and the Python API rebuild exactly what was
+trained (`rebuild`), whatever the config says today.
+
+Sources (`<role>.source`):
+  arch         `arch` (+ `arch_kwargs`) names a network of models.ARCHS; `path` is a file in the
+               published form {'arch', 'state_dict'} (the archives of Cohen et al. / Salman et al.)
+  torchvision  `model` = any torchvision.models name, `num_classes`, and either `path` = a state
+               dict, or `weights` = a torchvision weights name (DEFAULT, IMAGENET1K_V2: downloaded
+               by torchvision where there is internet)
+  module       `net` = {_target_: any class or factory, its keyword arguments}, `path` = a state
+               dict (plain, or a checkpoint's `state_dict`; `strip_prefix` for a Lightning one)
+  file         `path` = a TorchScript file (torch.jit.save); a pickled whole module only with
+               `trust_pickle: true` (unpickling runs code from the file)
+"""
 
 from __future__ import annotations
 
+import hashlib
 import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from dsr_lightning.errors import ConfigError
-from dsr_lightning.models import build_arch, load_checkpoint, read_checkpoint
+from dsr_lightning.errors import CheckpointError, ConfigError
+from dsr_lightning.models import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Classifier,
+    build_arch,
+    freeze,
+    load_published,
+    load_scripted,
+    load_weights,
+    read_checkpoint,
+    state_sha256,
+)
+
+SOURCES = ("arch", "torchvision", "module", "file")
+ROLES = ("classifier", "denoiser")
 
 PUBLISHED = {
     "classifier": "the published ResNet-110 of Cohen et al. (github.com/locuslab/smoothing, "
@@ -19,12 +54,54 @@ PUBLISHED = {
 }
 
 
+@dataclass(frozen=True)
+class DataFacts:
+    """What the networks must agree with: the data set's name, class count, implied
+    normalisation and image shape (C, H, W)."""
+
+    name: str | None = None
+    num_classes: int | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    image_shape: tuple[int, int, int] | None = None
+
+
+def data_facts(datamodule) -> DataFacts:
+    """The facts of a data module (its eval images' shape read from the test split, else val)."""
+    shape = None
+    for split in ("test", "val", "train"):
+        try:
+            shape = tuple(int(s) for s in datamodule.image_shape(split))
+            break
+        except (AttributeError, IndexError, ValueError):
+            continue
+    mean, std = getattr(datamodule, "mean", None), getattr(datamodule, "std", None)
+    return DataFacts(name=getattr(datamodule, "name", None),
+                     num_classes=getattr(datamodule, "num_classes", None),
+                     mean=None if mean is None else tuple(float(m) for m in mean),
+                     std=None if std is None else tuple(float(s) for s in std),
+                     image_shape=shape)
+
+
+@dataclass
+class Network:
+    module: nn.Module
+    recipe: dict
+
+
+def node_dict(spec: Any) -> dict:
+    """A node (DictConfig or dict) as a plain resolved dict."""
+    if isinstance(spec, DictConfig):
+        return OmegaConf.to_container(spec, resolve=True)
+    return dict(spec or {})
+
+
 def train_hint(role: str, spec, sigma: float | None) -> str:
     """The train.py command that makes the missing network, naming the config option (as the
     command line spells it: `denoiser=tiny`, not the network's name)."""
     from hydra.core.hydra_config import HydraConfig
 
-    option, extra = spec.name, []
+    option, extra = spec.get("name"), []
     if HydraConfig.initialized():
         hc = HydraConfig.get()
         option = hc.runtime.choices.get(role) or option
@@ -33,7 +110,7 @@ def train_hint(role: str, spec, sigma: float | None) -> str:
                  if o.split("=")[0].lstrip("+~") in ("experiment", "pretrained_root", "data")]
     cmd = f"python train.py stage={role} {role}={option}"
     if role == "classifier" and float(spec.get("noise_sd") or 0) > 0:
-        cmd += f" classifier.noise_sd={float(spec.noise_sd):g}"
+        cmd += f" classifier.noise_sd={float(spec['noise_sd']):g}"
     if role == "denoiser" and sigma is not None:
         cmd += f" sigma={float(sigma):g}"
     return " ".join([cmd, *extra])
@@ -47,33 +124,300 @@ def sigma_of(ckpt: dict, path: str | Path) -> float | None:
     return float(m.group(1)) if m else None
 
 
-def load_frozen(role: str, spec, sigma: float | None = None) -> nn.Module:
-    """Load the frozen `role` network ('classifier' | 'denoiser') described by a config node
-    (name, arch, path): eval mode, no gradients. A denoiser trained for another σ is refused."""
-    path = Path(str(spec.path))
+def _file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _check_path(role: str, node: dict, sigma: float | None, needed: bool) -> Path | None:
+    """The node's weights file, checked: a folder or a missing file is one ConfigError saying
+    how to get it; a denoiser's recorded σ must match (checked before any weight is read)."""
+    if not node.get("path"):
+        if needed:
+            raise ConfigError(f"{role}.path is not set: point it at the {role}'s weights file")
+        return None
+    path = Path(str(node["path"]))
     if path.is_dir():
         raise ConfigError(f"{role}.path={path} is a folder: point it at the checkpoint file in it "
                           "(e.g. .../checkpoint.pth.tar)")
     if not path.is_file():
-        hint = train_hint(role, spec, sigma)
-        published = PUBLISHED[role].format(noise=f"{float(spec.get('noise_sd') or 0):.2f}")
-        raise ConfigError(
-            f"{role} checkpoint not found: {path}\n"
-            f"  Either place {published} there (or point {role}.path=... at it),\n"
-            f"  or train one here: {hint}"
-        )
-    if role == "denoiser" and sigma is not None:  # before the load: a mismatch costs nothing
-        entries = read_checkpoint(path, mmap=True)  # tensors mapped, not read, where possible
+        if (node.get("source") or "arch") == "arch":
+            hint = train_hint(role, node, sigma)
+            published = PUBLISHED[role].format(noise=f"{float(node.get('noise_sd') or 0):.2f}")
+            raise ConfigError(
+                f"{role} checkpoint not found: {path}\n"
+                f"  Either place {published} there (or point {role}.path=... at it),\n"
+                f"  or train one here: {hint}")
+        raise ConfigError(f"{role} weights not found: {path} ({role}.path=...)")
+    if role == "denoiser" and sigma is not None:
+        try:
+            entries = read_checkpoint(path, mmap=True)  # tensors mapped, not read, where possible
+        except CheckpointError:
+            entries = None  # TorchScript or a pickled module: no recorded σ to compare
         trained = sigma_of(entries, path) if isinstance(entries, dict) else None
         if trained is not None and abs(trained - float(sigma)) > 1e-6:
             raise ConfigError(
                 f"denoiser {path} was trained for sigma={trained:g}, but sigma={float(sigma):g}: "
-                f"use the denoiser for sigma={float(sigma):g} or set sigma={trained:g}"
-            )
-    return load_checkpoint(path, arch=spec.get("arch"))  # a different arch in the file is refused
+                f"use the denoiser for sigma={float(sigma):g} or set sigma={trained:g}")
+    return path
 
 
-def build_fresh(spec) -> nn.Module:
-    """An untrained network of the config's arch (auxiliary stages)."""
-    return build_arch(spec.arch, **dict(spec.get("arch_kwargs") or {}))
+def _torchvision(node: dict, role: str, trained: bool, num_classes: int | None):
+    import torchvision
 
+    name = node.get("model")
+    if not name:
+        raise ConfigError(f"{role}.source=torchvision needs {role}.model=<a torchvision.models "
+                          "name, e.g. resnet18>")
+    try:
+        builder = torchvision.models.get_model_builder(name)
+    except ValueError:
+        raise ConfigError(f"{role}.model={name!r} is not a torchvision model; known classifiers "
+                          f"include resnet18, resnet50, vit_b_16, convnext_tiny "
+                          "(torchvision.models.list_models())") from None
+    weights = node.get("weights") if trained else None
+    meta = None
+    kwargs = dict(node.get("kwargs") or {})
+    if weights:
+        try:
+            w = torchvision.models.get_model_weights(name)[str(weights)] \
+                if str(weights) != "DEFAULT" else torchvision.models.get_model_weights(name).DEFAULT
+        except (KeyError, ValueError):
+            known = [w.name for w in torchvision.models.get_model_weights(name)]
+            raise ConfigError(f"{role}.weights={weights!r}: {name} has {', '.join(known)} "
+                              "(or DEFAULT)") from None
+        meta = w
+        k = len(w.meta.get("categories") or [])
+        if num_classes is not None and k and num_classes != k:
+            raise ConfigError(f"{role}.weights={w.name} has {k} classes, but num_classes="
+                              f"{num_classes}: drop the weights (train or load your own with "
+                              f"{role}.path=...) or use data with {k} classes")
+        weights, num_classes = w, None
+    if num_classes is not None:
+        kwargs["num_classes"] = int(num_classes)
+    try:
+        net = builder(weights=weights, **kwargs)
+    except Exception as e:  # noqa: BLE001 - no network for the download, a bad argument, ...
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ConfigError(f"{role}: torchvision could not build {name}"
+                          f"{f' with weights {weights.name}' if meta else ''}: {first}"
+                          + (" (the weights are downloaded on first use: this needs internet, "
+                             "or place the file in torch's hub cache, $TORCH_HOME/hub/checkpoints)"
+                             if meta else "")) from None
+    return net, meta
+
+
+def _module(node: dict, role: str):
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    spec = node.get("net") or {}
+    if not spec.get("_target_"):
+        raise ConfigError(f"{role}.source=module needs {role}.net._target_=<a class or function "
+                          f"returning an nn.Module> (its arguments: +{role}.net.<name>=<value>)")
+    try:
+        net = instantiate(OmegaConf.create(spec))
+    except InstantiationException as e:
+        first = str(e).strip().splitlines()[0]
+        raise ConfigError(f"{role}.net: cannot build {spec['_target_']!r}: {first}") from None
+    if not isinstance(net, nn.Module):
+        raise ConfigError(f"{role}.net._target_={spec['_target_']} gave a {type(net).__name__}, "
+                          "not an nn.Module")
+    return net
+
+
+def _normalisation(node: dict, data: DataFacts | None, meta, own) -> tuple[list, list, str]:
+    """(mean, std, where they came from): the node's, else the torchvision weights', else the
+    architecture's own (published classifiers), else the data's, else torchvision's convention
+    for its models; anything else has to be said."""
+    if node.get("mean") is not None or node.get("std") is not None:
+        if node.get("mean") is None or node.get("std") is None:
+            raise ConfigError("classifier.mean and classifier.std go together: set both")
+        return list(node["mean"]), list(node["std"]), "the classifier node"
+    if meta is not None:
+        t = meta.transforms()
+        return list(t.mean), list(t.std), f"the torchvision weights {meta.name}"
+    if own is not None:
+        return list(own[0]), list(own[1]), f"the architecture {node.get('arch')}"
+    if data is not None and data.mean is not None:
+        return list(data.mean), list(data.std), f"the data ({data.name})"
+    if (node.get("source") or "arch") == "torchvision":
+        return (list(IMAGENET_MEAN), list(IMAGENET_STD),
+                "torchvision's convention (ImageNet statistics)")
+    raise ConfigError("the classifier's input normalisation is unknown: set classifier.mean=[...] "
+                      "classifier.std=[...] to what it was trained with (mean=[0,0,0] std=[1,1,1] "
+                      "for a network that normalises itself)")
+
+
+def build(role: str, spec, *, data: DataFacts | None = None, sigma: float | None = None,
+          trained: bool = True, quiet: bool = False) -> Network:
+    """The `role` network of a node: its weights loaded (trained=True: frozen, eval mode) or
+    fresh (trained=False: an auxiliary stage trains it). A classifier is wrapped in `Classifier`
+    (normalisation, fusion hooks); its class count is read from it and checked against the
+    data's."""
+    node = node_dict(spec)
+    source = node.get("source") or "arch"
+    if source not in SOURCES:
+        raise ConfigError(f"{role}.source={source!r}: choose one of {', '.join(SOURCES)}")
+    clf = role == "classifier"
+    k_data = data.num_classes if data is not None else None
+    recipe: dict = {"source": source, "name": node.get("name"), "path": node.get("path")}
+    meta = own = None
+    if source == "arch":
+        if not node.get("arch"):
+            raise ConfigError(f"{role}.arch is not set (an architecture name: "
+                              "cifar_resnet110, cifar_dncnn, ...)")
+        if trained:
+            path = _check_path(role, node, sigma, needed=True)
+            net, arch, kwargs = load_published(path, arch=node.get("arch"))
+        else:
+            kwargs = dict(node.get("arch_kwargs") or {})
+            if clf and k_data and "num_classes" not in kwargs:
+                kwargs["num_classes"] = int(k_data)
+            try:
+                net = build_arch(node["arch"], **kwargs)
+            except (ValueError, TypeError) as e:
+                raise ConfigError(f"{role}.arch={node['arch']}: {e}") from None
+            arch = node["arch"]
+        recipe.update(arch=arch, arch_kwargs=kwargs)
+        if isinstance(net, Classifier):
+            own = (net[0].mean.flatten().tolist(), net[0].std.flatten().tolist())
+            net = net.net
+    elif source == "torchvision":
+        k = node.get("num_classes") or (k_data if clf else None)
+        path = _check_path(role, node, sigma, needed=False) if trained else None
+        if trained and path is None and not node.get("weights"):
+            raise ConfigError(f"{role}=torchvision: give the weights, {role}.path=<a state dict> "
+                              f"or {role}.weights=DEFAULT (torchvision's, downloaded)")
+        net, meta = _torchvision(node if path is None else {**node, "weights": None}, role,
+                                 trained, k)
+        if path is not None:
+            load_weights(net, path, node.get("strip_prefix"), what=role)
+        recipe.update(model=node["model"], num_classes=k,
+                      weights=meta.name if meta is not None else None,
+                      kwargs=dict(node.get("kwargs") or {}))
+    elif source == "module":
+        net = _module(node, role)
+        path = _check_path(role, node, sigma, needed=False) if trained else None
+        if path is not None:
+            load_weights(net, path, node.get("strip_prefix"), what=role)
+        elif trained and not quiet:
+            print(f"{role}: no {role}.path: {node['net']['_target_']} as it builds itself "
+                  "(its own weights)", flush=True)
+        recipe.update(net=node["net"])
+    else:  # file
+        path = _check_path(role, node, sigma, needed=True)
+        net = load_scripted(path, trust_pickle=bool(node.get("trust_pickle")), what=role)
+        recipe.update(file_sha256=_file_sha256(path), trust_pickle=bool(node.get("trust_pickle")))
+    if trained and source in ("torchvision", "module") and node.get("path"):
+        recipe["strip_prefix"] = node.get("strip_prefix")
+    if clf:
+        mean, std, why = _normalisation(node, data, meta, own)
+        shape = data.image_shape if data is not None and data.image_shape else None
+        net = Classifier(net, mean, std, feature_layers=node.get("feature_layers"),
+                         input_shape=shape)
+        k = net.num_classes
+        if k_data is not None and k != k_data:
+            raise ConfigError(
+                f"the classifier {node.get('name')} has {k} outputs, but the data "
+                f"({data.name}) has {k_data} classes: use a classifier for these classes (for a "
+                f"torchvision or module classifier: classifier.num_classes={k_data} with weights "
+                "trained for them), or the data the classifier was trained on")
+        recipe.update(num_classes=k, mean=mean, std=std, normalisation=why,
+                      feature_layers=list(getattr(net, "feature_layers", []) or []),
+                      input_shape=list(net.input_shape) if getattr(net, "input_shape", None)
+                      else None)
+    if trained:
+        freeze(net)
+    recipe["state_sha256"] = state_sha256(net)
+    return Network(net, recipe)
+
+
+def rebuild(role: str, recipe: dict) -> nn.Module:
+    """The structure a recipe describes, with fresh weights (the caller loads the recorded ones):
+    no download, no weights file read, except a `file` network's own file (checked against the
+    recorded hash)."""
+    source = recipe.get("source") or "arch"
+    if source == "arch":
+        net = build_arch(recipe["arch"], **(recipe.get("arch_kwargs") or {}))
+        if isinstance(net, Classifier):
+            net = net.net
+    elif source == "torchvision":
+        import torchvision
+
+        kwargs = dict(recipe.get("kwargs") or {})
+        if recipe.get("num_classes") is not None:
+            kwargs["num_classes"] = int(recipe["num_classes"])
+        net = torchvision.models.get_model(recipe["model"], weights=None, **kwargs)
+    elif source == "module":
+        net = _module({"net": recipe["net"]}, role)
+    else:
+        path = Path(str(recipe["path"]))
+        if not path.is_file():
+            raise CheckpointError(f"the {role} was built from the file {path}, which is gone: "
+                                  "put it back (its structure is not in the checkpoint)")
+        if recipe.get("file_sha256") and _file_sha256(path) != recipe["file_sha256"]:
+            raise CheckpointError(f"the {role} file {path} changed since the rejector was trained "
+                                  "(its sha256 differs): restore the original file")
+        net = load_scripted(path, trust_pickle=bool(recipe.get("trust_pickle")), what=role)
+    if role == "classifier":
+        shape = recipe.get("input_shape")
+        net = Classifier(net, recipe["mean"], recipe["std"],
+                         feature_layers=recipe.get("feature_layers"),
+                         input_shape=tuple(shape) if shape else None)
+    return net
+
+
+def describe(role: str, recipe: dict) -> str:
+    """One line: what the network is and where it came from."""
+    source = recipe.get("source") or "arch"
+    what = {"arch": recipe.get("arch"), "torchvision": f"torchvision {recipe.get('model')}",
+            "module": (recipe.get("net") or {}).get("_target_"),
+            "file": f"file {recipe.get('path')}"}[source]
+    weights = recipe.get("weights") or recipe.get("path") or "its own weights"
+    line = f"{role}: {recipe.get('name')} = {what} ({weights})"
+    if role == "classifier":
+        mean = ", ".join(f"{m:.4g}" for m in recipe["mean"])
+        std = ", ".join(f"{s:.4g}" for s in recipe["std"])
+        line += (f", {recipe['num_classes']} classes, input {tuple(recipe.get('input_shape') or ())}"
+                 f", normalised by mean ({mean}) std ({std}) from {recipe['normalisation']}")
+    return line
+
+
+def export(path: str | Path, role: str, module: nn.Module, recipe: dict, **extra: Any) -> Path:
+    """Write a trained network where the next stage reads it: a network of models.ARCHS in the
+    published form {'arch', 'state_dict', 'arch_kwargs'} (loads with the published loaders), any
+    other as {'state_dict', 'dsr_network': recipe} (loads with source=torchvision|module and
+    path=<file>). Atomic."""
+    import os
+
+    import torch
+
+    from dsr_lightning.models import save_checkpoint
+
+    path = Path(path)
+    if (recipe.get("source") or "arch") == "arch":
+        return save_checkpoint(path, module, arch=recipe["arch"],
+                               arch_kwargs=recipe.get("arch_kwargs") or {}, **extra)
+    inner = module.net if isinstance(module, Classifier) else module
+    state = {k: v.detach().cpu() for k, v in inner.state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save({"state_dict": state, "dsr_network": {"role": role, **recipe}, **extra}, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_frozen(role: str, spec, sigma: float | None = None,
+                data: DataFacts | None = None) -> nn.Module:
+    """The frozen `role` network of a node (eval mode, no gradients). A denoiser trained for
+    another σ is refused."""
+    return build(role, spec, data=data, sigma=sigma).module
+
+
+def build_fresh(role: str, spec, data: DataFacts | None = None) -> nn.Module:
+    """An untrained network of the node (auxiliary stages)."""
+    return build(role, spec, data=data, trained=False).module

@@ -21,9 +21,9 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from dsr_lightning.errors import CheckpointError, ConfigError
+from dsr_lightning.jobs.networks import rebuild
 from dsr_lightning.models import (
     SmoothingSystem,
-    build_arch,
     freeze,
     load_state_dict_strict,
     non_finite_keys,
@@ -122,16 +122,41 @@ class RunCheckpoint:
                               f"but sigma={float(sigma):g} was asked: certify with "
                               f"sigma={run['sigma']:g} or train a rejector for this sigma")
         t = self.threshold() if threshold is None else float(threshold)
-        clf = build_arch(run["classifier"]["arch"], **(run["classifier"].get("arch_kwargs") or {}))
-        den = build_arch(run["denoiser"]["arch"], **(run["denoiser"].get("arch_kwargs") or {}))
+        clf, den = self.network("classifier"), self.network("denoiser")
+        shape = tuple(clf.input_shape)
         rej = instantiate(OmegaConf.create(run["rejector"]["net"]))(
-            num_classes=clf.num_classes, feature_channels=clf.feature_channels)
-        for name, net in (("classifier", clf), ("denoiser", den), ("rejector", rej)):
-            load_state_dict_strict(net, self.part(name), source=f"{self.path} ({name})")
+            num_classes=clf.num_classes, feature_channels=clf.feature_channels,
+            image_size=shape[-1])
+        load_state_dict_strict(rej, self.part("rejector"), source=f"{self.path} (rejector)")
         # +inf never rejects: the heads need not run (the counts are the same, n_R = 0)
         heads = None if math.isinf(t) and t > 0 else freeze(rej)
         return SmoothingSystem(freeze(clf), freeze(den), heads, threshold=t,
                                num_classes=clf.num_classes)
+
+    def recipe(self, role: str) -> dict:
+        """How the run built its `role` network (jobs.networks), recorded at training; a
+        checkpoint from before recipes were recorded gives its config node (a published arch)."""
+        recorded = (self.config.get("networks") or {}).get(role)
+        if recorded:
+            return recorded
+        node = dict(self.config[role])
+        if role == "classifier":  # the published classifiers: their own (CIFAR-10) normalisation
+            from dsr_lightning.models import CIFAR10_MEAN, CIFAR10_STD
+
+            node["mean"] = node.get("mean") or list(CIFAR10_MEAN)
+            node["std"] = node.get("std") or list(CIFAR10_STD)
+        return {"source": "arch", **node}
+
+    def network(self, role: str) -> nn.Module:
+        """The run's frozen `role` network rebuilt from its recipe, with the weights of this file."""
+        recipe = self.recipe(role)
+        try:
+            net = rebuild(role, recipe)
+        except (ValueError, TypeError) as e:
+            raise CheckpointError(f"{self.path}: cannot rebuild the {role} from its record "
+                                  f"({e})") from None
+        load_state_dict_strict(net, self.part(role), source=f"{self.path} ({role})")
+        return freeze(net)
 
     def load_into(self, module: nn.Module) -> nn.Module:
         """The file's weights into the task that wrote it (strict)."""

@@ -23,13 +23,14 @@ from pytorch_lightning.plugins.io import TorchCheckpointIO
 from dsr_lightning.config import to_dict
 from dsr_lightning.config.schema import MANUAL_KEYS, check_train
 from dsr_lightning.errors import ConfigError, TrainingError
+from dsr_lightning.jobs import networks
 from dsr_lightning.jobs.interrupt import stop_on_signals
 from dsr_lightning.jobs.loggers import wandb_run_record
-from dsr_lightning.jobs.networks import build_fresh, load_frozen
+from dsr_lightning.jobs.networks import DataFacts, data_facts
 from dsr_lightning.jobs.resume import check_resume
 from dsr_lightning.jobs.run_checkpoint import RunCheckpoint
 from dsr_lightning.jobs.threshold import choose_for_checkpoints, describe, selection_settings
-from dsr_lightning.models import load_checkpoint, save_checkpoint
+from dsr_lightning.models.flops import count_flops
 from dsr_lightning.tasks import ClassifierTask, DenoiserTask, RejectorTask
 
 
@@ -47,33 +48,62 @@ def _export_target(path: str, overwrite: bool) -> Path:
     return path
 
 
-def build_task(cfg: DictConfig, run_config: dict) -> tuple[pl.LightningModule, Path | None]:
-    """The stage's LightningModule and the path its network is exported to (None: rejector)."""
+def _has_weights(node) -> bool:
+    """Whether a network node names weights that exist (a file, or torchvision's own)."""
+    return bool(node.get("weights")) or bool(node.get("path") and Path(str(node.path)).is_file())
+
+
+def build_task(cfg: DictConfig, run_config: dict,
+               data: DataFacts | None = None) -> tuple[pl.LightningModule, Path | None]:
+    """The stage's LightningModule and the path its network is exported to (None: rejector).
+    How each network was built (its recipe) goes into `run_config["networks"]`, which every
+    checkpoint of the run keeps."""
     stage = cfg.stage.name
+    recipes: dict = {}
+    run_config["networks"] = recipes
     if stage == "classifier":
         export = _export_target(cfg.classifier.path, cfg.overwrite)
-        task = ClassifierTask(build_fresh(cfg.classifier), cfg.optim,
-                              noise_sd=cfg.classifier.noise_sd, run_config=run_config)
+        net = networks.build("classifier", cfg.classifier, data=data, trained=False)
+        recipes["classifier"] = net.recipe
+        task = ClassifierTask(net.module, cfg.optim, noise_sd=cfg.classifier.noise_sd,
+                              run_config=run_config)
         return task, export
     if stage == "denoiser":
         export = _export_target(cfg.denoiser.path, cfg.overwrite)
         init = cfg.stage.get("init_from")
         if init:  # fine-tune: the loaded network comes frozen, thaw it
-            den = load_checkpoint(init, arch=cfg.denoiser.arch).requires_grad_(True).train()
+            node = {**networks.node_dict(cfg.denoiser), "path": str(init)}
+            den = networks.build("denoiser", node, data=data)
+            den.module.requires_grad_(True).train()
         else:
-            den = build_fresh(cfg.denoiser)
-        needs_f = cfg.stage.objective != "mse" or Path(cfg.classifier.path).is_file()
-        clf = load_frozen("classifier", cfg.classifier) if needs_f else None
-        task = DenoiserTask(den, cfg.optim, objective=cfg.stage.objective, classifier=clf,
-                            run_config=run_config)
+            den = networks.build("denoiser", cfg.denoiser, data=data, trained=False)
+        recipes["denoiser"] = den.recipe
+        needs_f = cfg.stage.objective != "mse" or _has_weights(cfg.classifier)
+        clf = networks.build("classifier", cfg.classifier, data=data) if needs_f else None
+        if clf is not None:
+            recipes["classifier"] = clf.recipe
+        task = DenoiserTask(den.module, cfg.optim, objective=cfg.stage.objective,
+                            classifier=clf.module if clf else None, run_config=run_config)
         return task, export
     if stage == "rejector":
-        clf = load_frozen("classifier", cfg.classifier)
-        den = load_frozen("denoiser", cfg.denoiser, sigma=cfg.sigma)
-        net = instantiate(cfg.rejector.net)(num_classes=clf.num_classes,
-                                            feature_channels=clf.feature_channels)
+        clf = networks.build("classifier", cfg.classifier, data=data)
+        den = networks.build("denoiser", cfg.denoiser, sigma=cfg.sigma, data=data)
+        recipes.update(classifier=clf.recipe, denoiser=den.recipe)
+        f = clf.module
+        shape = tuple(f.input_shape)
+        net = _instantiate("rejector", "net", cfg.rejector.net)(
+            num_classes=f.num_classes, feature_channels=f.feature_channels, image_size=shape[-1])
+        for role, n in (("classifier", clf), ("denoiser", den)):
+            print(networks.describe(role, n.recipe), flush=True)
+        layers = clf.recipe["feature_layers"]
+        print(f"rejector: {type(net).__name__}, fused with the classifier's "
+              f"{', '.join(layers)} ({', '.join(map(str, f.feature_channels))} channels)"
+              if layers else "rejector: no classifier feature layers (classifier.feature_layers=[] "
+              "or none known for this network): the rejector runs unfused, on D(x+ε) alone",
+              flush=True)
+        print(_costs(f, den.module, net, shape), flush=True)
         rej = cfg.rejector
-        task = RejectorTask(clf, den, net, cfg.optim, target=rej.target, head=rej.head,
+        task = RejectorTask(f, den.module, net, cfg.optim, target=rej.target, head=rej.head,
                             threshold=0.0 if rej.threshold == "auto" else rej.threshold,
                             pos_weight=rej.pos_weight, correct_weight=rej.correct_weight,
                             focal_gamma=rej.focal_gamma, run_config=run_config)
@@ -81,18 +111,31 @@ def build_task(cfg: DictConfig, run_config: dict) -> tuple[pl.LightningModule, P
     raise ConfigError(f"stage={stage!r}: choose classifier, denoiser or rejector")
 
 
+def _costs(f, den, rejector, shape: tuple[int, ...]) -> str:
+    """One line: the forward FLOPs per image of f, D and the rejector (the rejector's cost
+    includes neither f nor D, which run anyway)."""
+    x = torch.zeros(1, *shape)
+    with torch.no_grad():
+        feats = f.forward_features(x)[1]
+        flops = [count_flops(f, x), count_flops(den, x), count_flops(rejector, x, feats)]
+    f_g, d_g, r_g = (v / 1e9 for v in flops)
+    return (f"cost per noisy sample at {shape[-2]}x{shape[-1]} px: classifier {f_g:.3g} GFLOP, "
+            f"denoiser {d_g:.3g} GFLOP, rejector {r_g:.3g} GFLOP "
+            f"({r_g / f_g if f_g else float('nan'):.2f}x the classifier)")
+
+
 def _export(task, cfg: DictConfig, best: str | None, path: Path) -> None:
-    """Write the best network in the published {'arch', 'state_dict'} form, where the next stage
-    reads (the final weights when no best checkpoint was kept)."""
+    """Write the best network where the next stage reads it (the final weights when no best
+    checkpoint was kept): published {'arch', 'state_dict'} form for a network of models.ARCHS,
+    a state dict with its recipe for any other."""
     if best:
         RunCheckpoint.read(best).load_into(task)
-    spec = cfg.classifier if cfg.stage.name == "classifier" else cfg.denoiser
-    net = task.net if cfg.stage.name == "classifier" else task.denoiser
-    extra = {"sigma": float(cfg.sigma)} if cfg.stage.name == "denoiser" else {
+    role = cfg.stage.name
+    recipe = task.run_config["networks"][role]
+    net = task.net if role == "classifier" else task.denoiser
+    extra = {"sigma": float(cfg.sigma)} if role == "denoiser" else {
         "noise_sd": float(cfg.classifier.noise_sd)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(path, net, arch=spec.arch, arch_kwargs=dict(spec.get("arch_kwargs") or {}),
-                    config=to_dict(cfg), **extra)
+    networks.export(path, role, net, recipe, config=to_dict(cfg), **extra)
 
 
 def _log_roc(curve: tuple[torch.Tensor, torch.Tensor], wandb_runs: list, out: Path) -> Path:
@@ -201,12 +244,12 @@ def _train(cfg: DictConfig, tcfg: DictConfig, manual: dict, out: Path) -> dict:
     resumed = check_resume(cfg, cfg.ckpt_path) if cfg.get("ckpt_path") else None
     pl.seed_everything(int(cfg.seed), workers=True)
     run_config = to_dict(cfg)
-    task, export = build_task(cfg, run_config)
+    datamodule = instantiate(cfg.data)
+    task, export = build_task(cfg, run_config, data_facts(datamodule))
     task.configure_manual_optimization(
         clip_val=manual.get("gradient_clip_val"),
         clip_algorithm=manual.get("gradient_clip_algorithm"),
         accumulate=int(manual.get("accumulate_grad_batches", 1)))
-    datamodule = instantiate(cfg.data)
     if cfg.stage.name == "rejector" and cfg.rejector.threshold == "auto" \
             and len(datamodule.dataset("val")) == 0:
         raise ConfigError("rejector.threshold=auto chooses the threshold on the validation split, "

@@ -3,24 +3,31 @@ classifier wrapper, the f_R composition and checkpoint import/export. No Lightni
 
 from .checkpoint import (
     ARCHS,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
     CheckpointError,
     build_arch,
     load_checkpoint,
+    load_published,
+    load_scripted,
     load_state_dict_strict,
+    load_weights,
     non_finite_keys,
     read_checkpoint,
     save_checkpoint,
+    state_dict_of,
+    state_sha256,
 )
 from .dncnn import DnCNN
 from .memnet import MemNet
 from .normalize import CIFAR10_MEAN, CIFAR10_STD, Classifier, NormalizeLayer
-from .rejector import Rejector
+from .rejector import FeatureRejector, Rejector
 from .resnet import BasicBlock, ResNet
 from .system import SmoothingSystem, freeze
 
 __all__ = [
-    "ARCHS", "CIFAR10_MEAN", "CIFAR10_STD", "BasicBlock", "CheckpointError", "Classifier", "DnCNN",
+    "ARCHS", "FeatureRejector", "IMAGENET_MEAN", "IMAGENET_STD", "CIFAR10_MEAN", "CIFAR10_STD", "BasicBlock", "CheckpointError", "Classifier", "DnCNN",
     "MemNet", "NormalizeLayer", "Rejector", "ResNet", "SmoothingSystem", "build_arch", "freeze",
-    "load_checkpoint", "load_state_dict_strict", "non_finite_keys",
-    "read_checkpoint", "save_checkpoint",
+    "load_checkpoint", "load_published", "load_scripted", "load_state_dict_strict", "load_weights",
+    "non_finite_keys", "read_checkpoint", "save_checkpoint", "state_dict_of", "state_sha256",
 ]

@@ -42,13 +42,30 @@ def _cifar_resnet(depth: int) -> Callable[..., nn.Module]:
     return build
 
 
-# name -> constructor(**arch_kwargs) -> nn.Module. Classifiers come wrapped in Classifier (CIFAR-10
-# normalisation); denoisers and the rejector are bare. Any cifar_resnet{6n+2} is also accepted.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _imagenet_resnet50(num_classes: int = 1000, mean: Sequence[float] = IMAGENET_MEAN,
+                       std: Sequence[float] = IMAGENET_STD) -> Classifier:
+    """The ImageNet ResNet-50 of Cohen et al.'s published models (torchvision's architecture behind
+    ImageNet normalisation; their files hold `1.module.<torchvision key>`)."""
+    import torchvision
+
+    return Classifier(torchvision.models.resnet50(weights=None, num_classes=num_classes), mean, std)
+
+
+# name -> constructor(**arch_kwargs) -> nn.Module. Classifiers come wrapped in Classifier (with the
+# normalisation of the data they were published for); denoisers and the rejector are bare. Any
+# cifar_resnet{6n+2} is also accepted. The names are those of the published archives.
 ARCHS: dict[str, Callable[..., nn.Module]] = {
     **{f"cifar_resnet{d}": _cifar_resnet(d) for d in (20, 32, 44, 56, 110)},
+    "resnet50": _imagenet_resnet50,
     "cifar_dncnn": partial(DnCNN, image_channels=3, depth=17, n_channels=64),
     "cifar_dncnn_wide": partial(DnCNN, image_channels=3, depth=17, n_channels=128),
+    "imagenet_dncnn": partial(DnCNN, image_channels=3, depth=17, n_channels=64),
     "memnet": partial(MemNet, in_channels=3, channels=64, num_memblock=3, num_resblock=6),
+    "imagenet_memnet": partial(MemNet, in_channels=3, channels=64, num_memblock=3, num_resblock=6),
     "rejector": Rejector,
 }
 
@@ -138,7 +155,14 @@ def load_state_dict_strict(model: nn.Module, state_dict: Mapping[str, Any],
 
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", *, arch: str | None = None,
                     weights_only: bool = True) -> nn.Module:
-    """The network stored at `path`, in eval mode with requires_grad False (strict load).
+    """The network stored at `path` in the published form (see `load_published`)."""
+    return load_published(path, map_location, arch=arch, weights_only=weights_only)[0]
+
+
+def load_published(path: str | os.PathLike, map_location: Any = "cpu", *, arch: str | None = None,
+                   weights_only: bool = True) -> tuple[nn.Module, str, dict]:
+    """(the network stored at `path`, its arch, the arch_kwargs it was built with): eval mode,
+    requires_grad False, strict load.
 
     `arch` overrides a missing 'arch' entry (and must agree with a present one). `weights_only`
     as in torch.load: set False only for trusted files holding arbitrary Python objects. Files
@@ -164,7 +188,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", *, arch:
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{path}: {e}") from e
     load_state_dict_strict(model, ckpt["state_dict"], source=f"checkpoint {path} (arch {arch!r})")
-    return freeze(model)
+    return freeze(model), arch, _plain(kwargs)
 
 
 def _plain(x: Any) -> Any:
@@ -199,3 +223,101 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, arch: str,
     torch.save(ckpt, tmp)
     os.replace(tmp, path)
     return path
+
+
+# --- networks from anywhere: plain state dicts, TorchScript, pickled modules -----------------
+
+def state_dict_of(path: str | os.PathLike, strip_prefix: str | None = None) -> dict[str, Any]:
+    """The state dict in a weights file: a plain `{name: tensor}` dict, or the `state_dict` entry
+    of a published-form or Lightning checkpoint. `strip_prefix` ('model.') keeps only the keys
+    under it, without it (a Lightning module's attribute)."""
+    raw = read_checkpoint(path, weights_only=True)
+    if not isinstance(raw, Mapping):
+        raise CheckpointError(f"{path}: expected a state dict ({{name: tensor}}) or a checkpoint "
+                              f"holding one under 'state_dict', got {type(raw).__name__}")
+    sd = raw["state_dict"] if isinstance(raw.get("state_dict"), Mapping) else raw
+    if not all(isinstance(k, str) for k in sd) or not any(torch.is_tensor(v) for v in sd.values()):
+        raise CheckpointError(f"{path}: no tensors found (keys: {sorted(map(str, sd))[:_SHOW]}); "
+                              "expected a state dict or a checkpoint with a 'state_dict' entry")
+    if strip_prefix:
+        p = strip_prefix if strip_prefix.endswith(".") else strip_prefix + "."
+        kept = {k[len(p):]: v for k, v in sd.items() if k.startswith(p)}
+        if not kept:
+            raise CheckpointError(f"{path}: no key starts with strip_prefix={strip_prefix!r} (keys "
+                                  f"start with: {sorted({k.split('.')[0] for k in sd})[:_SHOW]})")
+        sd = kept
+    return dict(sd)
+
+
+def load_weights(net: nn.Module, path: str | os.PathLike, strip_prefix: str | None = None,
+                 what: str = "network") -> nn.Module:
+    """Load the weights file at `path` into `net` strictly. Without `strip_prefix`, a file whose
+    keys all carry one extra leading component (`1.` of the published classifiers, `net.`/`model.`
+    of a Lightning module) loads too; any other mismatch is one CheckpointError listing the keys."""
+    sd = state_dict_of(path, strip_prefix)
+    source = f"{what} weights {path}"
+    expected = set(_clean(net.state_dict(), "model"))
+    keys = set(_clean(sd, source))
+    heads = {k.split(".", 1)[0] for k in keys}
+    if not strip_prefix and keys - expected and len(heads) == 1 and all("." in k for k in keys):
+        head = heads.pop()
+        stripped = {k.split(".", 1)[1]: v for k, v in _clean(sd, source).items()}
+        if set(stripped) <= expected:
+            return load_state_dict_strict(net, stripped, source=f"{source} (prefix {head!r} "
+                                                                 "removed)")
+    try:
+        return load_state_dict_strict(net, sd, source=source)
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}\n  (keys under a module prefix, e.g. a Lightning checkpoint's "
+                              "'model.': set strip_prefix=model)") from None
+
+
+def load_scripted(path: str | os.PathLike, *, trust_pickle: bool = False,
+                  what: str = "network") -> nn.Module:
+    """A whole network in one file: TorchScript (torch.jit.save), or, only with `trust_pickle`, a
+    pickled nn.Module (torch.save(model)): unpickling runs code from the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{what} file not found: {path}")
+    try:
+        return torch.jit.load(str(path), map_location="cpu")
+    except Exception as e:  # noqa: BLE001 - not TorchScript: see what else it is
+        script_error = e
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        if "weights_only" not in str(e) and "Unsupported global" not in str(e):
+            raise CheckpointError(f"cannot read {what} file {path}: neither TorchScript nor a "
+                                  f"PyTorch file ({type(script_error).__name__}: "
+                                  f"{str(script_error).splitlines()[0][:160]}); copy it again"
+                                  ) from None
+        raw = None
+    if raw is not None:
+        raise CheckpointError(f"{path} holds weights only ({type(raw).__name__}), not a whole "
+                              f"network: build the network by name and load them (source "
+                              "torchvision or module, with path=<this file>)")
+    if not trust_pickle:
+        raise CheckpointError(f"{path} is a pickled Python object (torch.save of a whole module), "
+                              "not TorchScript: loading it runs code from the file. If you trust "
+                              "it, set trust_pickle=true on the network's node; better, save it "
+                              "with torch.jit.save(torch.jit.script(model)) or save its state_dict")
+    obj = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(obj, nn.Module):
+        raise CheckpointError(f"{path}: the pickled object is a {type(obj).__name__}, not an "
+                              "nn.Module")
+    return obj
+
+
+def state_sha256(module: nn.Module) -> str:
+    """sha256 of a network's weights (names, dtypes, shapes, bytes): its identity whatever file
+    format it came in."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for k, v in sorted(_clean(module.state_dict(), "model").items()):
+        h.update(k.encode())
+        if torch.is_tensor(v):
+            t = v.detach().cpu().contiguous()
+            h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

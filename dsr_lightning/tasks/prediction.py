@@ -1,5 +1,8 @@
 """Certification as a Lightning predict loop: each step certifies a few images (their noise mixed in
-the engine's chunks), and a writer streams one TSV row per image as soon as it is known."""
+the engine's chunks), and a writer streams one TSV row per image as soon as it is known. The
+samples per forward pass are `spec.batch`, or with batch="auto" the largest that fits (probed
+before the first image); a forward pass that runs out of memory halves them and is redone
+(tasks.batching), which changes no number."""
 
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ from pytorch_lightning.callbacks import BasePredictionWriter
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from dsr_lightning.errors import ConfigError
 from dsr_lightning.results import COLUMNS, ResultsFile
 from dsr_lightning.smoothing import (
     ABSTAIN,
@@ -24,6 +28,15 @@ from dsr_lightning.smoothing import (
     certify_staged,
     pgd_attack,
     predict_counts,
+)
+from dsr_lightning.tasks.batching import (
+    AUTO,
+    CPU_CAP,
+    PROBE_START,
+    BackoffForward,
+    is_out_of_memory,
+    probe_batch,
+    release_memory,
 )
 
 MODES = ("certify", "predict", "staged", "attack")
@@ -44,7 +57,7 @@ class CertificationSpec:
     split: str = "test"
     skip: int = 1
     max: int = -1
-    batch: int = 1000          # samples per forward pass
+    batch: int | str = 1000    # samples per forward pass, or "auto": the largest that fits
     images_per_step: int = 4
     bf16: bool = False
     channels_last: bool = False
@@ -60,6 +73,16 @@ class CertificationSpec:
     @property
     def columns(self) -> list[str]:
         return COLUMNS[self.mode]
+
+    @property
+    def draws_per_image(self) -> tuple[int, str]:
+        """The most draws one image takes in one pass of the engine, and their name: batch=auto's
+        cap (a larger batch only mixes more images in a chunk)."""
+        if self.mode == "predict":
+            return self.N, "N"
+        if self.mode == "staged":
+            return self.N0 + max(self.stages, default=self.N), "N0 + the last stage"
+        return self.N0 + self.N, "N0 + N"
 
     def indices(self, size: int) -> list[int]:
         """The data set indices this run certifies (skip and max as the reference scripts)."""
@@ -79,15 +102,19 @@ class AcceleratedSystem(nn.Module):
         self.num_classes = system.num_classes
         if channels_last:
             system.to(memory_format=torch.channels_last)
+        self._eager = (system,)  # the uncompiled system (in a tuple: not registered twice)
         self.system = torch.compile(system, dynamic=False) if compile else system
 
-    def forward(self, noisy: torch.Tensor) -> torch.Tensor:
+    def forward(self, noisy: torch.Tensor, eager: bool = False) -> torch.Tensor:
+        """noisy (b, *shape) -> labels (b,); `eager`: the uncompiled system with the same options
+        (batch=auto probes with it: compiling once per probed size would take minutes, and a
+        compiled pass needs no more memory than the eager one)."""
         if self.channels_last:
             noisy = noisy.contiguous(memory_format=torch.channels_last)
         ctx = (torch.autocast(noisy.device.type, dtype=torch.bfloat16) if self.bf16
                else nullcontext())
         with ctx:
-            return self.system(noisy)
+            return (self._eager[0] if eager else self.system)(noisy)
 
 
 class Indexed(Dataset):
@@ -110,16 +137,86 @@ class CertificationModule(pl.LightningModule):
     batch of images; returns one row per image. The noise of each image comes from its own stream,
     keyed by (seed, its index in the data set): an image gets the same draws whatever it is
     certified with, in a resumed or sharded run, and in every system certified with the same
-    seed."""
+    seed.
+
+    Samples per forward pass (`batch`): spec.batch, or with spec.batch="auto" the largest that
+    fits (resolve_batch, before the first image). A forward pass that runs out of memory halves
+    them for the rest of the run and is redone (tasks.batching.BackoffForward; mode=attack's
+    gradient passes halve their images per pass and redo the step's attack). The rows are those
+    of a run that never ran out of memory: the noise does not depend on the chunks.
+    """
 
     def __init__(self, system: nn.Module, spec: CertificationSpec, dataset: Dataset,
                  todo: list[int]):
         super().__init__()
+        batch = spec.batch
+        if batch != AUTO and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
+            raise ConfigError(f"certify.batch must be a number of samples per forward pass >= 1 "
+                              f"or 'auto' (the largest that fits), got {batch!r}")
         self.spec, self.dataset, self.todo = spec, dataset, todo
         self.system = system  # mode=attack: its soft_scores (with gradient), uncompiled
         self.base = AcceleratedSystem(system, spec.bf16, spec.channels_last, spec.compile)
-        self.smoothed = SmoothedClassifier(self.base, self.base.num_classes, spec.sigma,
+        # every counting pass goes through `passes`: cut to its limit, halved on out of memory
+        self.passes = BackoffForward(self.base, None if batch == AUTO else batch,
+                                     self.base.num_classes)
+        self.smoothed = SmoothedClassifier(self.passes, self.base.num_classes, spec.sigma,
                                            spec.allow_out_of_range)
+        self.resolved_batch: int | None = None if batch == AUTO else batch
+        self.batch_reason: str | None = None if batch == AUTO else "fixed"
+        self._resolved_on: torch.device | None = None  # batch=auto: the device probed
+        self._attack_limit: int | None = None  # mode=attack: images per pass after a back-off
+
+    @property
+    def batch(self) -> int | None:
+        """The samples per forward pass now: spec.batch, or what batch=auto resolved to (None
+        before resolve_batch); lowered by each back-off on out of memory."""
+        return self.passes.limit
+
+    def resolve_batch(self, shape: tuple[int, ...] | None = None,
+                      dtype: torch.dtype | None = None) -> int:
+        """The samples per forward pass on this module's device (call it after moving the module
+        there; Lightning's on_predict_start does). A fixed spec.batch as it is; batch="auto": the
+        largest that fits (tasks.batching.probe_batch), probed once per device on noisy images of
+        `shape` and `dtype` (default: those of the first image to certify) through the system as
+        configured (bf16, channels_last; uncompiled), doubling from 64 up to the cap (the draws
+        of one image in one pass of the engine, spec.draws_per_image; 1024 on a CPU). Each probe
+        holds what a chunk of the engine holds: the noise and the noisy images, then the pass. No
+        further headroom is taken: doubling stops up to a factor 2 below the limit, and the run's
+        back-off covers the rest. Sets `resolved_batch` and `batch_reason`, prints one line."""
+        dev = self.device
+        if self.spec.batch != AUTO or self._resolved_on == dev:
+            return self.passes.limit
+        if shape is None or dtype is None:
+            x0 = torch.as_tensor(self.dataset[(self.todo or [0])[0]][0])
+            shape, dtype = tuple(x0.shape), x0.dtype
+        cap, why = self.spec.draws_per_image
+        why = f"the cap: {why} = {cap}"
+        if dev.type == "cpu" and cap > CPU_CAP:
+            cap, why = CPU_CAP, f"the CPU cap, {CPU_CAP}"
+
+        def run(n: int) -> None:
+            with torch.inference_mode():
+                held = torch.empty((n, *shape), device=dev, dtype=dtype)  # the chunk's noise
+                noisy = torch.full((n, *shape), 0.5, device=dev, dtype=dtype)
+                self.base(noisy, eager=True)
+                del held, noisy
+
+        modes = [(m, m.training) for m in self.base.modules()]
+        self.base.eval()  # no batch norm statistics may move during a probe
+        try:
+            best, failed = probe_batch(run, cap, dev, PROBE_START)
+        finally:
+            for m, training in modes:  # each module's mode exactly as it was
+                m.training = training
+        if failed is not None:
+            why = f"out of memory at {failed}"
+        print(f"certify: batch=auto -> {best} samples per forward pass ({why})", flush=True)
+        self.passes.limit, self.resolved_batch, self.batch_reason = best, best, why
+        self._resolved_on = dev
+        return best
+
+    def on_predict_start(self) -> None:
+        self.resolve_batch()
 
     def predict_dataloader(self) -> DataLoader:
         # Each rank takes its own shard of the remaining indices. Lightning refuses an empty loader
@@ -131,17 +228,18 @@ class CertificationModule(pl.LightningModule):
 
     def predict_step(self, batch, batch_idx: int) -> list[dict]:
         idx, x, y = batch
+        self.resolve_batch(tuple(x.shape[1:]), x.dtype)  # done already, unless called directly
         t0 = time.perf_counter()
         noise = ImageNoise(self.spec.seed, idx.tolist())
         spec = self.spec
         if spec.mode == "certify":
-            cert = self.smoothed.certify(x, spec.N0, spec.N, spec.alpha, spec.batch, spec.bound,
+            cert = self.smoothed.certify(x, spec.N0, spec.N, spec.alpha, self.batch, spec.bound,
                                          noise=noise)
             cols = cert.columns()
             pred = cols["prediction"]
         elif spec.mode == "staged":
-            cert = certify_staged(self.base, x, spec.N0, spec.stages, spec.stage_weights,
-                                  spec.alpha, spec.sigma, spec.radius, spec.batch, spec.bound,
+            cert = certify_staged(self.passes, x, spec.N0, spec.stages, spec.stage_weights,
+                                  spec.alpha, spec.sigma, spec.radius, self.batch, spec.bound,
                                   noise=noise, allow_out_of_range=spec.allow_out_of_range)
             cols = {**cert.columns(), "target_radius": np.full(len(idx), cert.target),
                     "certified_at_target": cert.certified.astype(np.int64)}
@@ -150,7 +248,7 @@ class CertificationModule(pl.LightningModule):
             cols = self._attack(x, y, idx, noise)
             pred = cols["prediction"]
         else:
-            counts = self.smoothed.counts(x, spec.N, spec.batch, noise=noise)  # (B, K+1)
+            counts = self.smoothed.counts(x, spec.N, self.batch, noise=noise)  # (B, K+1)
             pred = predict_counts(counts, spec.alpha)
             top = np.where(pred == ABSTAIN, counts[:, :-1].argmax(1), pred)
             # the counts of the answer (or the top class on abstain) and of the runner-up
@@ -187,18 +285,15 @@ class CertificationModule(pl.LightningModule):
         as mode=certify), then PGD on g_R within the ε ball (its own streams), then Algorithm 1
         with the same N further draws of the image's stream at x and at x' (paired: each is
         Algorithm 1 with draws independent of the point, and the two differ only by the point)."""
-        spec, keys = self.spec, idx.tolist()
-        cert = self.smoothed.certify(x, spec.N0, spec.N, spec.alpha, spec.batch, spec.bound,
+        spec = self.spec
+        cert = self.smoothed.certify(x, spec.N0, spec.N, spec.alpha, self.batch, spec.bound,
                                      noise=noise)
-        x_adv = pgd_attack(self._soft_scores, x, y, spec.sigma, spec.radius, spec.attack_steps,
-                           spec.attack_draws, spec.attack_step_size,
-                           noise=attack_noise(spec.seed, keys),
-                           images_per_pass=max(1, spec.batch // spec.attack_draws))
+        x_adv = self._pgd(x, y, idx.tolist())
         pos = noise.pos.copy()  # after the certificate's draws
-        clean = predict_counts(self.smoothed.counts(x, spec.N, spec.batch, noise=noise),
+        clean = predict_counts(self.smoothed.counts(x, spec.N, self.batch, noise=noise),
                                spec.alpha)
         noise.pos = pos  # the same draws at x'
-        attacked = predict_counts(self.smoothed.counts(x_adv, spec.N, spec.batch, noise=noise),
+        attacked = predict_counts(self.smoothed.counts(x_adv, spec.N, self.batch, noise=noise),
                                   spec.alpha)
         labels = y.cpu().numpy()
         norm = (x_adv - x).reshape(len(x), -1).norm(dim=1).cpu().numpy().astype(np.float64)
@@ -207,6 +302,35 @@ class CertificationModule(pl.LightningModule):
                 # never an attacked prediction for an abstaining image: -1 is not a label
                 "attacked_correct": ((attacked != ABSTAIN) & (attacked == labels)).astype(np.int64),
                 "perturbation_norm": norm, "epsilon": np.full(len(x), spec.radius)}
+
+    def _pgd(self, x: torch.Tensor, y: torch.Tensor, keys: list[int]) -> torch.Tensor:
+        """pgd_attack with `batch // attack_draws` images per gradient pass (at least 1, at most
+        the step's images). A pass that runs out of memory (forward or backward) halves the
+        images per pass for the rest of the run and redoes this step's attack from the start
+        with the same streams (a fresh attack_noise: the same draws, so the same x'); one image's
+        draws that do not fit raise ConfigError."""
+        spec = self.spec
+        while True:
+            per = max(1, min(self.batch // spec.attack_draws, len(x)))
+            if self._attack_limit is not None:
+                per = min(per, self._attack_limit)
+            try:
+                return pgd_attack(self._soft_scores, x, y, spec.sigma, spec.radius,
+                                  spec.attack_steps, spec.attack_draws, spec.attack_step_size,
+                                  noise=attack_noise(spec.seed, keys), images_per_pass=per)
+            except RuntimeError as err:
+                if not is_out_of_memory(err):
+                    raise
+                if per == 1:
+                    raise ConfigError(
+                        f"certify: out of memory in the attack with one image's "
+                        f"{spec.attack_draws} draws per gradient pass on {x.device}: lower "
+                        "certify.attack_draws, set certify.bf16=true, or use a device with more "
+                        "memory") from err
+            self._attack_limit = per // 2
+            print(f"certify: out of memory in the attack at {per} images x {spec.attack_draws} "
+                  f"draws per pass -> {per // 2}; redoing this step's attack", flush=True)
+            release_memory(x.device)
 
 
 class RowWriter(BasePredictionWriter):

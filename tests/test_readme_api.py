@@ -1,0 +1,55 @@
+"""The README's Python API snippets run as they stand (section "The Python API")."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def _snippets() -> list[str]:
+    text = README.read_text()
+    section = text.split("### The Python API", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```python\n(.*?)```", section, flags=re.S)
+
+
+def test_the_readme_has_the_two_api_snippets():
+    snippets = _snippets()
+    assert len(snippets) == 2
+    assert "api.load_system(" in snippets[0] and "api.train_rejector(" in snippets[1]
+
+
+def test_load_a_system_and_certify_a_batch(rejector, tmp_path, monkeypatch, capsys):
+    """Snippet 1, with the session's tiny rejector where the snippet looks for the demo's."""
+    code = _snippets()[0]
+    where = re.search(r'api\.load_system\("([^"]+)"\)', code).group(1)
+    (tmp_path / where).parent.mkdir(parents=True)
+    shutil.copy(rejector, tmp_path / where)
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(code, "README snippet 1", "exec"), scope)
+    cert, x = scope["cert"], scope["x"]
+    assert len(cert["prediction"]) == len(x) == 8
+    assert (cert["radius"] >= 0).all() and set(cert["correct"]) <= {0, 1}
+    assert ((cert["prediction"] == -1) == (cert["radius"] == 0)).all()
+    assert 0 <= cert.certified_accuracy(0.25) <= 1
+    assert "[" in capsys.readouterr().out  # it printed the predictions
+
+
+def test_wrap_own_modules_train_heads_and_certify(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(_snippets()[1], "README snippet 2", "exec"), scope)
+    system, cert, f = scope["system"], scope["cert"], scope["f"]
+    assert not any(p.requires_grad for p in f.parameters())  # f stays frozen
+    assert system.rejector is not None and system.num_classes == 10
+    assert system.rejector.feature_channels == [16]  # fused with f's layer "1"
+    assert len(cert["prediction"]) == 4
+    assert not list(tmp_path.iterdir())  # no files
+    with pytest.raises(ValueError, match="without labels"):
+        type(cert)({"prediction": cert["prediction"], "radius": cert["radius"]}) \
+            .certified_accuracy()
