@@ -113,8 +113,11 @@ def train_rejector(classifier: nn.Module, denoiser: nn.Module | None, images: to
     with `threshold` (logit; reject iff the head's logit > it)."""
     quiet_third_party()
     pl.seed_everything(seed, verbose=False)
+    if (mean is None) != (std is None):
+        raise ValueError("mean and std go together: give both (f's input normalisation) or "
+                         "neither (f normalises its own inputs)")
     if not isinstance(classifier, Classifier):
-        if mean is None or std is None:
+        if mean is None:
             channels = images.shape[1]
             mean, std = [0.0] * channels, [1.0] * channels  # f normalises its own inputs
         classifier = Classifier(classifier, mean, std, feature_layers=feature_layers,

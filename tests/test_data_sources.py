@@ -286,7 +286,7 @@ def test_yamls_compose_and_instantiate(tiny_cfg, tmp_path):
     path, _ = _npz(tmp_path)
     inet = _imagenet(tmp_path / "inet")
     for opts, want in ((["data=imagefolder", f"data.root={root}", "data.image_size=32"],
-                        (ImageFolderDataModule, "pets", (3, 32, 32))),
+                        (ImageFolderDataModule, "pets_32px", (3, 32, 32))),
                        (["data=npz", f"data.path={path}"], (NpzDataModule, "gray", (1, 20, 20))),
                        (["data=imagenet", f"data.root={inet}"],
                         (ImageNetDataModule, "imagenet", (3, 224, 224)))):

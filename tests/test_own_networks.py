@@ -137,7 +137,7 @@ def test_a_users_folder_and_torchvision_f_train_certify_and_certify_again_from_t
             f"pretrained_root={tmp_path / 'pretrained'}"]
     try:
         den = train(compose_tiny(tmp_path / "den", ["stage=denoiser", *data]))
-        assert "/trained_denoisers/folder/" in den["export"]  # the data set's name, not cifar10
+        assert "/trained_denoisers/folder_32px/" in den["export"]  # the data set's name, not cifar10
         cfg = compose_tiny(tmp_path / "rej", [
             *data, "classifier=torchvision", "classifier.model=resnet18",
             "classifier.num_classes=3", f"classifier.path={own.state}", "certify=quick",

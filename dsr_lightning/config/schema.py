@@ -21,6 +21,7 @@ from omegaconf import II, MISSING, DictConfig
 
 from dsr_lightning.data.base import SPLITS
 from dsr_lightning.errors import ConfigError
+from dsr_lightning.models.checkpoint import SOURCES
 from dsr_lightning.models.system import SYSTEMS
 from dsr_lightning.smoothing.checks import BOUNDS, check_alpha
 from dsr_lightning.smoothing.staged import check_stages
@@ -356,9 +357,30 @@ def _keeps_checkpoints(callbacks) -> bool:
                for node in (callbacks or {}).values() if isinstance(node, DictConfig))
 
 
+def check_networks(cfg: DictConfig) -> None:
+    """The classifier and denoiser nodes: a known source, and what that source needs."""
+    for role in ("classifier", "denoiser"):
+        node = cfg[role]
+        source = _choice(f"{role}.source", node.source, SOURCES)
+        if source == "torchvision" and role == "denoiser":
+            raise ConfigError("denoiser.source=torchvision: torchvision has no denoisers; give "
+                              "yours as denoiser=module (a class and a state dict) or denoiser=file")
+        if node.get("num_classes") is not None:
+            _int(f"{role}.num_classes", node.num_classes, low=2)
+        if role == "classifier" and (node.mean is None) != (node.std is None):
+            raise ConfigError("classifier.mean and classifier.std go together: set both (the "
+                              "input normalisation f was trained with) or neither")
+        if role == "classifier" and node.mean is not None and len(node.mean) != len(node.std):
+            raise ConfigError(f"classifier.mean has {len(node.mean)} values, classifier.std "
+                              f"{len(node.std)}: one per image channel each")
+        if role == "classifier" and node.std is not None and any(v <= 0 for v in node.std):
+            raise ConfigError(f"classifier.std={list(node.std)}: every value must be > 0")
+
+
 def check_train(cfg: DictConfig) -> None:
     """Ranges and choices of a composed train.py config; raises one ConfigError naming the key."""
     stage = _choice("stage", cfg.stage.name, STAGES)
+    check_networks(cfg)
     # the classifier stage has no use for sigma (classifier.noise_sd is its noise)
     _real("sigma", cfg.sigma, low=0, strict=stage != "classifier", what=SIGMA_UNITS)
     _int("T", cfg.T, what=" (noisy copies per image per step)")
@@ -389,6 +411,7 @@ def check_train(cfg: DictConfig) -> None:
 def check_certify(cfg: DictConfig) -> None:
     """Ranges and choices of a composed certify.py config; raises one ConfigError naming the key."""
     _choice("system", cfg.system.name, SYSTEMS)
+    check_networks(cfg)
     _real("sigma", cfg.sigma, low=0, what=SIGMA_UNITS)
     _int("seed", cfg.seed, low=0)
     check_certify_settings(cfg)

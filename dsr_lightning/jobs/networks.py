@@ -33,6 +33,7 @@ from dsr_lightning.errors import CheckpointError, ConfigError
 from dsr_lightning.models import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    SOURCES,
     Classifier,
     build_arch,
     freeze,
@@ -43,7 +44,6 @@ from dsr_lightning.models import (
     state_sha256,
 )
 
-SOURCES = ("arch", "torchvision", "module", "file")
 ROLES = ("classifier", "denoiser")
 
 PUBLISHED = {

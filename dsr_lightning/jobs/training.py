@@ -40,7 +40,10 @@ def output_dir(cfg: DictConfig) -> Path:
     return Path(cfg.trainer.get("default_root_dir") or "outputs")
 
 
-def _export_target(path: str, overwrite: bool) -> Path:
+def _export_target(path: str | None, overwrite: bool, role: str = "network") -> Path:
+    if not path:
+        raise ConfigError(f"{role}.path is not set: it is where this stage writes the trained "
+                          f"{role}; set {role}.path=<file>")
     path = Path(path)
     if path.exists() and not overwrite:
         raise ConfigError(f"{path} exists already; pass overwrite=true to replace it, or choose "
@@ -62,14 +65,14 @@ def build_task(cfg: DictConfig, run_config: dict,
     recipes: dict = {}
     run_config["networks"] = recipes
     if stage == "classifier":
-        export = _export_target(cfg.classifier.path, cfg.overwrite)
+        export = _export_target(cfg.classifier.path, cfg.overwrite, "classifier")
         net = networks.build("classifier", cfg.classifier, data=data, trained=False)
         recipes["classifier"] = net.recipe
         task = ClassifierTask(net.module, cfg.optim, noise_sd=cfg.classifier.noise_sd,
                               run_config=run_config)
         return task, export
     if stage == "denoiser":
-        export = _export_target(cfg.denoiser.path, cfg.overwrite)
+        export = _export_target(cfg.denoiser.path, cfg.overwrite, "denoiser")
         init = cfg.stage.get("init_from")
         if init:  # fine-tune: the loaded network comes frozen, thaw it
             node = {**networks.node_dict(cfg.denoiser), "path": str(init)}

@@ -5,6 +5,7 @@ from .checkpoint import (
     ARCHS,
     IMAGENET_MEAN,
     IMAGENET_STD,
+    SOURCES,
     CheckpointError,
     build_arch,
     load_checkpoint,
@@ -26,8 +27,9 @@ from .resnet import BasicBlock, ResNet
 from .system import SmoothingSystem, freeze
 
 __all__ = [
-    "ARCHS", "FeatureRejector", "IMAGENET_MEAN", "IMAGENET_STD", "CIFAR10_MEAN", "CIFAR10_STD", "BasicBlock", "CheckpointError", "Classifier", "DnCNN",
-    "MemNet", "NormalizeLayer", "Rejector", "ResNet", "SmoothingSystem", "build_arch", "freeze",
-    "load_checkpoint", "load_published", "load_scripted", "load_state_dict_strict", "load_weights",
-    "non_finite_keys", "read_checkpoint", "save_checkpoint", "state_dict_of", "state_sha256",
+    "ARCHS", "BasicBlock", "CIFAR10_MEAN", "CIFAR10_STD", "CheckpointError", "Classifier", "DnCNN",
+    "FeatureRejector", "IMAGENET_MEAN", "IMAGENET_STD", "MemNet", "NormalizeLayer", "Rejector",
+    "ResNet", "SOURCES", "SmoothingSystem", "build_arch", "freeze", "load_checkpoint", "load_published",
+    "load_scripted", "load_state_dict_strict", "load_weights", "non_finite_keys",
+    "read_checkpoint", "save_checkpoint", "state_dict_of", "state_sha256",
 ]

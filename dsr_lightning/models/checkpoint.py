@@ -42,6 +42,10 @@ def _cifar_resnet(depth: int) -> Callable[..., nn.Module]:
     return build
 
 
+# How a network can be given (jobs/networks.py): by published architecture name, as a torchvision
+# model, as any nn.Module class, or as a whole-network file (TorchScript)
+SOURCES = ("arch", "torchvision", "module", "file")
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
