@@ -5,7 +5,6 @@ denoised (classifier + denoiser: Salman et al.) and plain (classifier: Cohen et 
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 from pathlib import Path
@@ -22,19 +21,12 @@ from dsr_lightning.errors import ConfigError
 from dsr_lightning.jobs import networks
 from dsr_lightning.jobs.interrupt import stop_on_signals
 from dsr_lightning.jobs.networks import DataFacts, data_facts
+from dsr_lightning.jobs.networks import file_sha256 as sha256_of
 from dsr_lightning.jobs.run_checkpoint import RunCheckpoint
 from dsr_lightning.models import SmoothingSystem
 from dsr_lightning.results import FORMAT, ResultsFile, WriterLock
 from dsr_lightning.smoothing import check_stages, default_step_size, noise_scheme
 from dsr_lightning.tasks import CertificationModule, CertificationSpec, RowWriter
-
-
-def sha256_of(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def spec_of(cfg: DictConfig) -> CertificationSpec:

@@ -124,7 +124,7 @@ def sigma_of(ckpt: dict, path: str | Path) -> float | None:
     return float(m.group(1)) if m else None
 
 
-def _file_sha256(path: str | Path) -> str:
+def file_sha256(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
@@ -311,7 +311,7 @@ def build(role: str, spec, *, data: DataFacts | None = None, sigma: float | None
     else:  # file
         path = _check_path(role, node, sigma, needed=True)
         net = load_scripted(path, trust_pickle=bool(node.get("trust_pickle")), what=role)
-        recipe.update(file_sha256=_file_sha256(path), trust_pickle=bool(node.get("trust_pickle")))
+        recipe.update(file_sha256=file_sha256(path), trust_pickle=bool(node.get("trust_pickle")))
     if trained and source in ("torchvision", "module") and node.get("path"):
         recipe["strip_prefix"] = node.get("strip_prefix")
     if clf:
@@ -359,7 +359,7 @@ def rebuild(role: str, recipe: dict) -> nn.Module:
         if not path.is_file():
             raise CheckpointError(f"the {role} was built from the file {path}, which is gone: "
                                   "put it back (its structure is not in the checkpoint)")
-        if recipe.get("file_sha256") and _file_sha256(path) != recipe["file_sha256"]:
+        if recipe.get("file_sha256") and file_sha256(path) != recipe["file_sha256"]:
             raise CheckpointError(f"the {role} file {path} changed since the rejector was trained "
                                   "(its sha256 differs): restore the original file")
         net = load_scripted(path, trust_pickle=bool(recipe.get("trust_pickle")), what=role)
