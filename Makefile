@@ -15,7 +15,10 @@ install: ## Create .venv and install the package with the pinned CI stack (torch
 demo: install ## Install, then the whole pipeline on the embedded CIFAR-10 subset (CPU, about 6 min)
 	PY=$(PY) bash scripts/demo.sh
 
-test: install ## Run the test suite (fast tests; CPU only)
+test: install ## Run the test suite: the fast loop and the tests that launch a process (CPU only)
+	$(PY) -m pytest -q -m "not slow"
+
+test-fast: ## The fast loop (no install, no new processes): `pytest` alone runs the same
 	$(PY) -m pytest -q
 
 test-slow: install ## Run the slow tests too (DDP, subprocess kill/resume)
@@ -37,4 +40,4 @@ bench: ## Speed benchmarks on this machine (engine vs reference loop; training t
 clean: ## Remove run outputs (keeps .venv)
 	rm -rf outputs multirun .pytest_cache .ruff_cache
 
-.PHONY: help install demo test test-slow wheel-check lint report bench clean
+.PHONY: help install demo test test-fast test-slow wheel-check lint report bench clean

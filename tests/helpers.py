@@ -92,7 +92,7 @@ def selection_probs(model, t, N0=SELECTION_N0):
 
 
 class Projection(torch.nn.Module):
-    """f_R(z) = labels[interval of u = w·flatten(z)], z of shape (B, 1, 10, 10)."""
+    """f_R(z) = labels[interval of u = w·flatten(z)], z of shape (B, *PIXELS)."""
 
     def __init__(self, model, w):
         super().__init__()
@@ -104,6 +104,37 @@ class Projection(torch.nn.Module):
     def forward(self, z):
         u = z.flatten(1) @ self.w  # (B,)
         return self.labels[torch.bucketize(u, self.edges, right=True)]
+
+
+PIXELS = (1, 4, 4)  # the closed-form models' images: 16 pixels (u = w·z is exact in any dimension)
+
+
+def projected_copies(model, t: float, M: int, seed: int):
+    """(f_R as a torch module, M copies of one PIXELS image x with w·x = t plus a part orthogonal
+    to w, the generator after drawing them: the noise continues from it)."""
+    g = torch.Generator().manual_seed(seed)
+    d = int(np.prod(PIXELS))
+    w = torch.randn(d, generator=g, dtype=torch.float64)
+    w /= w.norm()
+    v = torch.randn(d, generator=g, dtype=torch.float64)
+    x = (t * w + (v - (v @ w) * w)).float().view(1, *PIXELS).expand(M, *PIXELS)
+    return Projection(model, w.float()), x, g
+
+
+# --- networks ----------------------------------------------------------------------------------
+
+def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Random weights and BN statistics (positive variances), so no entry is at its init value."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for k, v in model.state_dict().items():
+            if k.endswith("running_var"):
+                v.copy_(torch.rand(v.shape, generator=g) + 0.5)
+            elif k.endswith("num_batches_tracked"):
+                v.fill_(7)
+            elif v.is_floating_point():
+                v.copy_(torch.randn(v.shape, generator=g) * 0.1)
+    return model.eval()
 
 
 # --- configs composed as the CLI would, and the jobs in process ----------------------------------

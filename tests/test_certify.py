@@ -113,6 +113,7 @@ def test_deterministic(runs, tiny_pretrained, rejector, tmp_path):
     pd.testing.assert_frame_equal(a.drop(columns="time"), b.drop(columns="time"))
 
 
+@pytest.mark.process
 def test_resume_after_kill(tiny_pretrained, tmp_path):
     """A run killed mid-way (SIGKILL) resumes: no row lost or doubled, a torn last line is
     recomputed; other settings on the same file are refused and leave it byte-identical."""
@@ -222,6 +223,7 @@ def test_bad_input_refused(runs, tiny_pretrained, rejector, tmp_path, case):
     assert snapshot(out) == before
 
 
+@pytest.mark.process
 def test_cli_error(runs, tiny_pretrained, tmp_path):
     """The CLI: exit code 2, one 'error:' line on stderr, the results file untouched."""
     out = copy_results(runs("paper"), tmp_path)

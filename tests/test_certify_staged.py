@@ -27,9 +27,11 @@ STAGED = ["mode=staged", "bound=paper", f"radius={RADIUS}", f"stages=[{','.join(
 
 
 @pytest.fixture(scope="module")
-def staged_run(tiny_pretrained, rejector, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("staged")
-    return Path(certify_tiny(tiny_pretrained, rejector, out, "system=rejection", *STAGED)["outfile"])
+def staged_run(tiny_pretrained, rejector, once) -> Path:
+    """The staged certification of the session's rejector, once per test run (conftest)."""
+    made = once("staged", lambda out: {"outfile": certify_tiny(
+        tiny_pretrained, rejector, out, "system=rejection", *STAGED)["outfile"]})
+    return Path(made["outfile"])
 
 
 def test_staged_results_file(staged_run, rejector):

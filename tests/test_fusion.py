@@ -10,24 +10,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
+from helpers import randomize
 
 from dsr_lightning.models.features import default_feature_layers
 from dsr_lightning.models.flops import count_flops, format_gflops
 from dsr_lightning.models.normalize import Classifier
 from dsr_lightning.models.rejector import STEMS, FeatureRejector, Rejector, resolve_stem
 from dsr_lightning.models.resnet import ResNet
-
-
-def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Random weights and BN statistics (positive variances), in eval mode."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for k, v in model.state_dict().items():
-            if k.endswith("running_var"):
-                v.copy_(torch.rand(v.shape, generator=g) + 0.5)
-            elif v.is_floating_point():
-                v.copy_(torch.randn(v.shape, generator=g) * 0.1)
-    return model.eval()
 
 
 class TwoConv(nn.Module):

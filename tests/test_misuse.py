@@ -35,6 +35,7 @@ def done_indices(path: Path) -> list[int]:
 
 # --- 1. one writer ------------------------------------------------------------------------------
 
+@pytest.mark.process
 def test_two_processes_on_one_results_file(tiny_pretrained, tmp_path, capsys):
     """While one certify.py process writes a file, another process (this one) on the same file is
     refused (with the same settings or others); with wait=true it waits for the first, then finds

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from helpers import randomize
 
 from dsr_lightning.models import (
     ARCHS,
@@ -24,20 +25,6 @@ from dsr_lightning.models import (
 )
 
 BN = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
-
-
-def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Random weights and BN statistics (positive variances), so no entry is at its init value."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for k, v in model.state_dict().items():
-            if k.endswith("running_var"):
-                v.copy_(torch.rand(v.shape, generator=g) + 0.5)
-            elif k.endswith("num_batches_tracked"):
-                v.fill_(7)
-            elif v.is_floating_point():
-                v.copy_(torch.randn(v.shape, generator=g) * 0.1)
-    return model.eval()
 
 
 # ---- expected published layouts, written out independently of the model code ---------------------

@@ -133,15 +133,16 @@ def test_a_users_folder_and_torchvision_f_train_certify_and_certify_again_from_t
     from dsr_lightning.jobs.run_checkpoint import RunCheckpoint
     from dsr_lightning.jobs.training import train
 
-    data = ["data=imagefolder", f"data.root={own.folder}", "data.image_size=32",
+    data = ["data=imagefolder", f"data.root={own.folder}", "data.image_size=16",
             f"pretrained_root={tmp_path / 'pretrained'}"]
     try:
         den = train(compose_tiny(tmp_path / "den", ["stage=denoiser", *data]))
-        assert "/trained_denoisers/folder_32px/" in den["export"]  # the data set's name, not cifar10
+        assert "/trained_denoisers/folder_16px/" in den["export"]  # the data set's name, not cifar10
         cfg = compose_tiny(tmp_path / "rej", [
             *data, "classifier=torchvision", "classifier.model=resnet18",
             "classifier.num_classes=3", f"classifier.path={own.state}", "certify=quick",
-            "certify.systems=[rejection]", "rejector.threshold=0.0"])
+            "certify.N0=10", "certify.N=100", "certify.systems=[rejection]",
+            "rejector.threshold=0.0"])
         assert cfg.run_name.startswith("rejector_resnet18_")  # names carry the classifier
         run = train(cfg)
     finally:

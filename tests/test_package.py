@@ -51,6 +51,7 @@ def test_configs_ship_inside_the_package():
     assert "statsmodels" not in deps  # the runtime does not use it: a dev dependency
 
 
+@pytest.mark.process
 def test_python_m_from_another_folder(tmp_path, capsys):
     """The configs are found through the package (pkg://), not the working folder."""
     r = run_module("train", "--cfg", "job", "experiment=tiny", "sigma=0.5", cwd=tmp_path)
@@ -62,6 +63,7 @@ def test_python_m_from_another_folder(tmp_path, capsys):
     assert "usage: python -m dsr_lightning" in capsys.readouterr().err
 
 
+@pytest.mark.process
 def test_console_scripts_are_installed():
     bindir = Path(sys.executable).parent
     for script in ("dsr-train", "dsr-certify", "dsr-report"):
@@ -255,6 +257,7 @@ def compose_run(tiny, run: Path | None, overrides: list[str]):
 
 # --- how it went ----------------------------------------------------------------------------
 
+@pytest.mark.process
 def test_entry_points_say_how_it_went(tiny_pretrained, tmp_path, monkeypatch, capsys):
     """train.py and certify.py end to end as launched processes, then certify's entry point again
     in process on the same file (resumed)."""

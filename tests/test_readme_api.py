@@ -33,7 +33,7 @@ def test_load_a_system_and_certify_a_batch(rejector, tmp_path, monkeypatch, caps
     scope: dict = {}
     exec(compile(code, "README snippet 1", "exec"), scope)
     cert, x = scope["cert"], scope["x"]
-    assert len(cert["prediction"]) == len(x) == 8
+    assert len(cert["prediction"]) == len(x) == 4
     assert (cert["radius"] >= 0).all() and set(cert["correct"]) <= {0, 1}
     assert ((cert["prediction"] == -1) == (cert["radius"] == 0)).all()
     assert 0 <= cert.certified_accuracy(0.25) <= 1
@@ -48,7 +48,7 @@ def test_wrap_own_modules_train_heads_and_certify(monkeypatch, tmp_path):
     assert not any(p.requires_grad for p in f.parameters())  # f stays frozen
     assert system.rejector is not None and system.num_classes == 10
     assert system.rejector.feature_channels == [16]  # fused with f's layer "1"
-    assert len(cert["prediction"]) == 4
+    assert len(cert["prediction"]) == 2
     assert not list(tmp_path.iterdir())  # no files
     with pytest.raises(ValueError, match="without labels"):
         type(cert)({"prediction": cert["prediction"], "radius": cert["radius"]}) \

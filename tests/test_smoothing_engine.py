@@ -6,7 +6,7 @@ import pytest
 import torch
 from scipy.stats import norm
 
-from dsr_lightning.smoothing import ABSTAIN
+from dsr_lightning.smoothing import ABSTAIN, ImageNoise
 from dsr_lightning.smoothing import SmoothedClassifier as _Smoothed
 from dsr_lightning.smoothing import sample_counts as _sample_counts
 
@@ -100,6 +100,21 @@ def test_same_seed_same_counts():
     a, b, c = run(3), run(3), run(4)
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert ((a.float() / 200 - 0.25).abs() < 0.15).all()  # all four labels occur
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_partly_used_block_is_the_prefix_of_the_whole_block(dtype):
+    """On the CPU a block is only drawn as far as it is used: draws 0..k-1 of an image are the
+    first k rows of its whole 256-draw block, whatever k and however the draws are asked for."""
+    whole = ImageNoise(7, [3, 11]).draw(1, 0, 512, (3, 4, 4), "cpu", dtype)
+    for k in (1, 100, 255, 256, 300):
+        assert torch.equal(ImageNoise(7, [3, 11]).draw(1, 0, k, (3, 4, 4), "cpu", dtype),
+                           whole[:k])
+    noise = ImageNoise(7, [3, 11])  # the N0 draws, then the N draws after them in pieces
+    pieces = [noise.draw(1, a, b, (3, 4, 4), "cpu", dtype)
+              for a, b in ((0, 100), (100, 130), (130, 400), (400, 512))]
+    assert torch.equal(torch.cat(pieces), whole)
+    assert not torch.equal(ImageNoise(7, [3, 11]).draw(0, 0, 512, (3, 4, 4), "cpu", dtype), whole)
 
 
 def test_certify_fields_and_exact_radius():

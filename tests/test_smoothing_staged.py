@@ -14,7 +14,7 @@ increment), so P(wrong certificate | ĉ = c) is a finite sum over the grid for e
 import numpy as np
 import pytest
 import torch
-from helpers import BAND, ISLAND, PLAIN, Projection, selection_probs, wrong
+from helpers import BAND, ISLAND, PLAIN, projected_copies, selection_probs, wrong
 from scipy.signal import correlate, fftconvolve
 from scipy.special import gammaln, xlogy
 from scipy.stats import binom
@@ -140,18 +140,8 @@ def test_futility_stops_exactly_the_hopeless(model, bound):
 
 # ---------------------------------------------------------------- through the engine
 
-def copies(model, t, M, seed):
-    """(f_R as a torch module on 100-pixel images, M copies of an image with w·x = t, generator)"""
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(100, generator=g, dtype=torch.float64)
-    w /= w.norm()
-    v = torch.randn(100, generator=g, dtype=torch.float64)
-    x = (t * w + (v - (v @ w) * w)).float().view(1, 1, 10, 10).expand(M, 1, 10, 10)
-    return Projection(model, w.float()), x, g
-
-
 def staged(model, t, M, design, alpha, bound, target, seed, **kw):
-    base, x, g = copies(model, t, M, seed)
+    base, x, g = projected_copies(model, t, M, seed)
     return certify_staged(base, x, N0, *design, alpha, model.sigma, target, batch_size=8192,
                           bound=bound, generator=g, allow_out_of_range=True, **kw)
 
@@ -259,7 +249,7 @@ def test_only_undecided_images_draw_and_stages_are_fresh():
 
 def test_one_stage_is_fixed_n():
     """stages = (N,), weights = (1,): the same draws and certificate as SmoothedClassifier.certify."""
-    base, x, _ = copies(BAND, 0.1, 20, seed=5)
+    base, x, _ = projected_copies(BAND, 0.1, 20, seed=5)
     fixed = SmoothedClassifier(base, sigma=BAND.sigma, allow_out_of_range=True).certify(
         x, N0, 500, ALPHA, 4096, "paper", torch.Generator().manual_seed(6))
     target = float(np.median(fixed.radius))
@@ -273,7 +263,7 @@ def test_one_stage_is_fixed_n():
 
 
 def test_no_images():
-    base, x, _ = copies(BAND, 0.1, 1, seed=0)
+    base, x, _ = projected_copies(BAND, 0.1, 1, seed=0)
     cert = certify_staged(base, x[:0], N0, *BRIEF, ALPHA, 0.25, 0.1, 64)
     assert cert.prediction.shape == cert.stage.shape == cert.draws.shape == (0,)
 
@@ -297,7 +287,7 @@ def test_bad_stages(stages, weights, match):
 
 
 def test_bad_input():
-    base, x, _ = copies(BAND, 0.1, 2, seed=0)
+    base, x, _ = projected_copies(BAND, 0.1, 2, seed=0)
     with pytest.raises(ValueError, match="radius"):
         certify_staged(base, x, N0, *BRIEF, ALPHA, 0.25, 0.0, 64)
     with pytest.raises(ValueError, match="alpha"):

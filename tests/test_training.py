@@ -379,6 +379,7 @@ def test_multirun_sweep_gives_separate_runs(tiny_pretrained, tmp_path, monkeypat
     monkeypatch.chdir(tiny_pretrained.cwd)
     rc = run_cli(["train", "-m", "experiment=tiny", "sigma=0.25,0.5", "T=1,2",
                   "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
+                  "rejector.threshold=0.0",
                   f"hydra.sweep.dir={sweep}"], monkeypatch)
     assert rc == 0, capsys.readouterr().err[-3000:]
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir())

@@ -11,6 +11,7 @@ import errno
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -62,12 +63,11 @@ def _train(out: Path, *overrides: str) -> dict:
         HydraConfig.instance().cfg = None
 
 
-@pytest.fixture(scope="module")
-def auto_rejector(tiny_pretrained, tmp_path_factory) -> dict:
-    """A tiny rejector trained with threshold=auto (the default) for σ = 0.25."""
-    out = tmp_path_factory.mktemp("trust_rejector")
-    return _train(out, tiny_pretrained.override, "sigma=0.25", "trainer.limit_train_batches=2",
-                  "trainer.limit_val_batches=1")
+@pytest.fixture
+def auto_rejector(rejector_runs) -> dict:
+    """A tiny rejector trained with threshold=auto (the default) for σ = 0.25: the session's
+    seed-0 rejector (conftest), shared: a test that resumes it works on a copy."""
+    return rejector_runs[0]
 
 
 # --- soundness ------------------------------------------------------------------------------
@@ -89,12 +89,11 @@ def test_no_noise_block_repeats_over_the_cifar10_test_set_at_n_10000():
     (the audit found 17 bit-identical pairs with the hashed seeds, of which torch's CPU generator
     keeps 32 bits)."""
     noise = ImageNoise(0, range(10_000))
-    first = np.empty((10_000, 40, 2), dtype=np.float32)
-    for b in range(10_000):
-        for j in range(40):
-            first[b, j] = noise.draw(b, j * 256, j * 256 + 2, (1,), "cpu", torch.float32)[:, 0]
-    flat = first.reshape(-1, 2)
-    assert len(np.unique(flat, axis=0)) == len(flat)
+    first = torch.stack([torch.stack([noise.draw(b, j * 256, j * 256 + 2, (1,), "cpu",
+                                                 torch.float32)[:, 0] for j in range(40)])
+                         for b in range(10_000)])  # (image, block, first two draws)
+    bits = first.numpy().reshape(-1, 2).view(np.uint64)  # one 64-bit word per block
+    assert len(np.unique(bits)) == len(bits) == 400_000
     # at N = 100,000 the old scheme repeated draws 27392-27647 as 47616-47871 in image 2700
     blocks = [noise.draw(2700, j * 256, (j + 1) * 256, (1,), "cpu", torch.float32)
               for j in (107, 186)]
@@ -225,6 +224,7 @@ def _wait_for(path: Path, proc: subprocess.Popen, what) -> None:
         time.sleep(0.1)
 
 
+@pytest.mark.process
 def test_sigterm_stops_certification_keeps_rows_and_says_how_to_resume(tiny_pretrained, tmp_path):
     out = tmp_path / "c.tsv"
     cmd = [sys.executable, str(REPO / "certify.py"), "experiment=tiny", tiny_pretrained.override,
@@ -334,7 +334,8 @@ def test_missing_classifier_hint_and_folder_paths(tiny_pretrained, tmp_path, tin
 def test_finished_run_resumes_its_certification(auto_rejector, tiny_pretrained, tmp_path):
     """A run stopped during its in-job certification: `ckpt_path=... certify=quick` trains no
     epoch and resumes the results file (rows kept) instead of refusing 'nothing to resume'."""
-    run = Path(auto_rejector["output_dir"])
+    run = tmp_path / "run"  # resumed in place: a copy of the shared run folder
+    shutil.copytree(auto_rejector["output_dir"], run)
     last = run / "checkpoints" / "last.ckpt"
     res = _train(run, tiny_pretrained.override, "sigma=0.25", f"ckpt_path={last}",
                  "certify=quick", "certify.max=2", "certify.N=64", "certify.N0=10")

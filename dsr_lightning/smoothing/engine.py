@@ -75,41 +75,52 @@ class ImageNoise:
         sub.pos = self.pos[np.asarray(idx, dtype=np.int64)].copy()
         return sub
 
-    def _philox_rows(self, key: int, j: int, shape, dtype) -> torch.Tensor:
-        """Block j of image `key` from Philox4x64 (key = seed, counter = (0, 0, j, key))."""
+    def _philox_rows(self, key: int, j: int, rows: int, shape, dtype) -> torch.Tensor:
+        """The first `rows` rows of block j of image `key` from Philox4x64 (key = seed, counter
+        = (0, 0, j, key)). NumPy fills the array from the stream in order, so a prefix of a
+        block is the prefix of the whole block (tests/test_smoothing_engine.py checks it): a
+        block that is only partly used (N0 = 100 of 256 draws) is only partly drawn."""
         if self._philox is None:
             self._philox = np.random.Philox(key=self.seed)
             self._state = self._philox.state
             self._numpy = np.random.Generator(self._philox)
         state = self._state
-        state["state"]["counter"] = np.array([0, 0, j, key], dtype=np.uint64)
+        counter = state["state"]["counter"]  # (4,) uint64, set in place: (0, 0, j, key)
+        counter[0], counter[1], counter[2], counter[3] = 0, 0, j, key
         state["buffer_pos"], state["has_uint32"], state["uinteger"] = 4, 0, 0
         self._philox.state = state
         np_dtype = np.float64 if dtype == torch.float64 else np.float32
-        rows = self._numpy.standard_normal((self.block, *shape), dtype=np_dtype)
-        return torch.from_numpy(rows)
+        return torch.from_numpy(self._numpy.standard_normal((rows, *shape), dtype=np_dtype))
 
-    def _rows(self, key: int, j: int, shape, device, dtype) -> torch.Tensor:
-        tag = (key, j, str(device), dtype, tuple(shape))
-        if self._last is not None and self._last[0] == tag:
-            return self._last[1]  # the block a chunk boundary split: drawn once
-        if torch.device(device).type == "cuda":
+    def _rows(self, key: int, j: int, rows: int, shape, device, dtype) -> torch.Tensor:
+        """At least the first `rows` rows of block j of image `key` (all G on CUDA, whose
+        generator gives no prefixes)."""
+        tag = (key, j, device, dtype, shape)
+        last = self._last
+        if last is not None and last[0] == tag and len(last[1]) >= rows:
+            return last[1]  # the block a chunk boundary split: drawn once
+        if device.type == "cuda":
             gen = self._gens.get(str(device))
             if gen is None:
                 gen = self._gens[str(device)] = torch.Generator(device=device)
             gen.manual_seed(_block_seed(self.seed, key, j))
-            rows = torch.randn((self.block, *shape), generator=gen, device=device, dtype=dtype)
+            out = torch.randn((self.block, *shape), generator=gen, device=device, dtype=dtype)
         else:
-            rows = self._philox_rows(key, j, shape, dtype).to(device=device, dtype=dtype)
-        self._last = (tag, rows)
-        return rows
+            out = self._philox_rows(key, j, rows, shape, dtype)
+            if out.dtype != dtype or device.type != "cpu":
+                out = out.to(device=device, dtype=dtype)
+        self._last = (tag, out)
+        return out
 
     def draw(self, b: int, start: int, stop: int, shape, device, dtype) -> torch.Tensor:
         """Draws start..stop-1 of image b: (stop - start, *shape) standard normal."""
         G, key, out = self.block, self.keys[b], []
+        shape = tuple(shape)
+        device = device if isinstance(device, torch.device) else torch.device(device)
         for j in range(start // G, (stop - 1) // G + 1):
             lo, hi = max(start, j * G) - j * G, min(stop, (j + 1) * G) - j * G
-            out.append(self._rows(key, j, shape, device, dtype)[lo:hi])
+            rows = self._rows(key, j, hi, shape, device, dtype)
+            out.append(rows if lo == 0 and hi == len(rows) else rows[lo:hi])
         return out[0] if len(out) == 1 else torch.cat(out)
 
 
