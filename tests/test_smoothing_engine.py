@@ -102,19 +102,26 @@ def test_same_seed_same_counts():
     assert ((a.float() / 200 - 0.25).abs() < 0.15).all()  # all four labels occur
 
 
+@pytest.mark.parametrize("shape", [(3, 4, 4), (3,)])  # (3,): rows end inside a 64-bit word
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_a_partly_used_block_is_the_prefix_of_the_whole_block(dtype):
-    """On the CPU a block is only drawn as far as it is used: draws 0..k-1 of an image are the
-    first k rows of its whole 256-draw block, whatever k and however the draws are asked for."""
-    whole = ImageNoise(7, [3, 11]).draw(1, 0, 512, (3, 4, 4), "cpu", dtype)
+def test_a_block_is_drawn_as_far_as_it_is_used_with_the_same_draws(dtype, shape):
+    """On the CPU a block is drawn only as far as it is used, and drawn on where it stopped: draws
+    0..k-1 of an image are the first k rows of its whole 256-draw block, whatever k, however the
+    draws are asked for, and with other images' draws asked for in between."""
+    whole = ImageNoise(7, [3, 11]).draw(1, 0, 512, shape, "cpu", dtype)
+    other = ImageNoise(7, [3, 11]).draw(0, 0, 512, shape, "cpu", dtype)
+    assert not torch.equal(other, whole)
     for k in (1, 100, 255, 256, 300):
-        assert torch.equal(ImageNoise(7, [3, 11]).draw(1, 0, k, (3, 4, 4), "cpu", dtype),
-                           whole[:k])
+        assert torch.equal(ImageNoise(7, [3, 11]).draw(1, 0, k, shape, "cpu", dtype), whole[:k])
     noise = ImageNoise(7, [3, 11])  # the N0 draws, then the N draws after them in pieces
-    pieces = [noise.draw(1, a, b, (3, 4, 4), "cpu", dtype)
-              for a, b in ((0, 100), (100, 130), (130, 400), (400, 512))]
+    pieces = [noise.draw(1, a, b, shape, "cpu", dtype)
+              for a, b in ((0, 100), (100, 101), (101, 130), (130, 400), (400, 512))]
     assert torch.equal(torch.cat(pieces), whole)
-    assert not torch.equal(ImageNoise(7, [3, 11]).draw(0, 0, 512, (3, 4, 4), "cpu", dtype), whole)
+    noise, got = ImageNoise(7, [3, 11]), {0: [], 1: []}  # two images in turns
+    for a, b in ((0, 50), (50, 70), (70, 300), (300, 512)):
+        for i in (1, 0):
+            got[i].append(noise.draw(i, a, b, shape, "cpu", dtype))
+    assert torch.equal(torch.cat(got[1]), whole) and torch.equal(torch.cat(got[0]), other)
 
 
 def test_certify_fields_and_exact_radius():

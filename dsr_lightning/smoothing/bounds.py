@@ -34,6 +34,7 @@ def cp_lower(k, n, alpha: float) -> np.ndarray:
     It is < 1 for every n >= 1 (alpha**(1/n) at k = n), so Φ⁻¹ of it is finite."""
     alpha = check_alpha(alpha)
     k, n = _kn(k, n)
+
     def fn(k, n):
         with np.errstate(invalid="ignore"):
             lo = beta.ppf(alpha, np.maximum(k, 1), n - k + 1)
@@ -45,6 +46,7 @@ def cp_upper(k, n, alpha: float) -> np.ndarray:
     """p_upper with P(p <= p_upper) >= 1 - alpha for k ~ Binomial(n, p); 1 where k = n."""
     alpha = check_alpha(alpha)
     k, n = _kn(k, n)
+
     def fn(k, n):
         with np.errstate(invalid="ignore"):
             hi = beta.ppf(1 - alpha, k + 1, np.maximum(n - k, 1))
@@ -62,6 +64,7 @@ def cp_lower_probit(k, n, alpha: float) -> np.ndarray:
     normal float), so a radius built on it is never larger than the exact one."""
     alpha = check_alpha(alpha)
     k, n = _kn(k, n)
+
     def fn(k, n):
         with np.errstate(invalid="ignore"):
             q = beta.isf(alpha, n - k + 1, np.maximum(k, 1))  # 1 - p_lower

@@ -28,6 +28,7 @@ def _num_classes(base: Base, num_classes: int | None) -> int:
 
 
 NOISE_BLOCK = 256  # draws per seeded block of ImageNoise
+_NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
 
 
 def _block_seed(seed: int, key: int, block: int) -> int:
@@ -75,11 +76,17 @@ class ImageNoise:
         sub.pos = self.pos[np.asarray(idx, dtype=np.int64)].copy()
         return sub
 
-    def _philox_rows(self, key: int, j: int, rows: int, shape, dtype) -> torch.Tensor:
+    def _philox_rows(self, key: int, j: int, rows: int, shape, np_dtype,
+                     have: torch.Tensor | None) -> torch.Tensor:
         """The first `rows` rows of block j of image `key` from Philox4x64 (key = seed, counter
-        = (0, 0, j, key)). NumPy fills the array from the stream in order, so a prefix of a
-        block is the prefix of the whole block (tests/test_smoothing_engine.py checks it): a
-        block that is only partly used (N0 = 100 of 256 draws) is only partly drawn."""
+        = (0, 0, j, key)). NumPy fills an array from the stream in order, so the first k rows of
+        a block are the same however many are drawn, and drawing on continues the block
+        (tests/test_smoothing_engine.py checks both): a block is drawn only as far as it is used
+        (N0 = 100 of 256 draws), and `have`, the block's rows drawn last (the generator still
+        stands right after them), is extended instead of drawn again."""
+        if have is not None:
+            more = self._numpy.standard_normal((rows - len(have), *shape), dtype=np_dtype)
+            return torch.cat([have, torch.from_numpy(more)])
         if self._philox is None:
             self._philox = np.random.Philox(key=self.seed)
             self._state = self._philox.state
@@ -89,11 +96,11 @@ class ImageNoise:
         counter[0], counter[1], counter[2], counter[3] = 0, 0, j, key
         state["buffer_pos"], state["has_uint32"], state["uinteger"] = 4, 0, 0
         self._philox.state = state
-        np_dtype = np.float64 if dtype == torch.float64 else np.float32
         return torch.from_numpy(self._numpy.standard_normal((rows, *shape), dtype=np_dtype))
 
     def _rows(self, key: int, j: int, rows: int, shape, device, dtype) -> torch.Tensor:
-        """At least the first `rows` rows of block j of image `key` (all G on CUDA, whose
+        """At least the first `rows` rows of block j of image `key`: on the CPU in float32 or
+        float64 as far as asked (see _philox_rows), elsewhere the whole block of G rows (CUDA's
         generator gives no prefixes)."""
         tag = (key, j, device, dtype, shape)
         last = self._last
@@ -105,10 +112,12 @@ class ImageNoise:
                 gen = self._gens[str(device)] = torch.Generator(device=device)
             gen.manual_seed(_block_seed(self.seed, key, j))
             out = torch.randn((self.block, *shape), generator=gen, device=device, dtype=dtype)
-        else:
-            out = self._philox_rows(key, j, rows, shape, dtype)
-            if out.dtype != dtype or device.type != "cpu":
-                out = out.to(device=device, dtype=dtype)
+        elif device.type == "cpu" and dtype in _NUMPY_DTYPES:
+            have = last[1] if last is not None and last[0] == tag else None
+            out = self._philox_rows(key, j, rows, shape, _NUMPY_DTYPES[dtype], have)
+        else:  # the float32 block, converted
+            out = self._philox_rows(key, j, self.block, shape, np.float32, None)
+            out = out.to(device=device, dtype=dtype)
         self._last = (tag, out)
         return out
 
