@@ -218,3 +218,32 @@ def test_224px_with_batch_auto_under_out_of_memory(own, tmp_path):
     auto, fixed = ([{k: r[k] for k in cols} for r in _rows(outs[b]["outfile"])]
                    for b in ("auto", "16"))
     assert auto == fixed and len(auto) == 2
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["classifier.source=hub"], r"classifier\.source"),
+    (["denoiser.source=torchvision"], "torchvision has no denoisers"),
+    (["classifier.mean=[0.5,0.5,0.5]"], "classifier.mean and classifier.std go together"),
+    (["classifier.mean=[0.5,0.5]", "classifier.std=[0.2,0.2,0.2]"], "one per image channel"),
+    (["classifier.mean=[0.5,0.5,0.5]", "classifier.std=[0.2,0,0.2]"], "must be > 0"),
+    (["stage=classifier", "classifier.path=null"], "classifier.path is not set"),
+], ids=["source", "torchvision_denoiser", "mean_alone", "lengths", "std_zero", "no_export_path"])
+def test_a_wrong_network_node_is_one_error_naming_the_key_with_nothing_written(
+        tiny_cfg, tmp_path, overrides, match):
+    from dsr_lightning.jobs.training import train
+
+    cfg = tiny_cfg(*overrides, out=tmp_path / "run")
+    with pytest.raises(ConfigError, match=match):
+        train(cfg)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert not list((tmp_path / "run").rglob("*.pth.tar")) and not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_the_api_wants_mean_and_std_together():
+    from dsr_lightning import api
+
+    f = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 3))
+    x, y = torch.rand(8, 3, 8, 8), torch.randint(0, 3, (8,))
+    for kw in ({"mean": [0.5] * 3}, {"std": [0.2] * 3}):
+        with pytest.raises(ValueError, match="mean and std go together"):
+            api.train_rejector(f, None, x, y, sigma=0.25, **kw)

@@ -20,8 +20,7 @@ from dsr_lightning.config.schema import ClassifierConfig, DenoiserConfig, check_
 from dsr_lightning.errors import ConfigError
 from dsr_lightning.jobs import networks
 from dsr_lightning.jobs.interrupt import stop_on_signals
-from dsr_lightning.jobs.networks import DataFacts, data_facts
-from dsr_lightning.jobs.networks import file_sha256 as sha256_of
+from dsr_lightning.jobs.networks import DataFacts, data_facts, file_sha256
 from dsr_lightning.jobs.run_checkpoint import RunCheckpoint
 from dsr_lightning.models import SmoothingSystem
 from dsr_lightning.results import FORMAT, ResultsFile, WriterLock
@@ -70,7 +69,7 @@ def build_system(cfg: DictConfig, data: DataFacts | None = None) -> tuple[Smooth
         return system, {
             "classifier": run["classifier"].get("path"), "denoiser": run["denoiser"].get("path"),
             "rejector": str(ckpt.path.resolve()), "classifier_sha256": None,
-            "denoiser_sha256": None, "rejector_sha256": sha256_of(ckpt.path),
+            "denoiser_sha256": None, "rejector_sha256": file_sha256(ckpt.path),
             "threshold": system.threshold,
             "run": {"classifier": run["classifier"]["name"], "denoiser": run["denoiser"]["name"],
                     "objective": run["denoiser"].get("objective"), "T": run["T"],
@@ -85,7 +84,7 @@ def build_system(cfg: DictConfig, data: DataFacts | None = None) -> tuple[Smooth
 
     def sha(node, net) -> str:  # the weights file's, or (torchvision's own weights) the tensors'
         path = node.get("path")
-        return sha256_of(path) if path and Path(str(path)).is_file() else net.recipe["state_sha256"]
+        return file_sha256(path) if path and Path(str(path)).is_file() else net.recipe["state_sha256"]
 
     return SmoothingSystem(clf.module, den.module if den else None), {
         "classifier": cfg.classifier.get("path") or clf.recipe.get("weights"),
