@@ -20,7 +20,7 @@ import torch
 from helpers import REPO, certify_tiny, error_lines, run_cli
 
 from dsr_lightning.config import compose
-from dsr_lightning.jobs.certification import sha256_of
+from dsr_lightning.jobs.networks import file_sha256
 from dsr_lightning.jobs.training import train
 from dsr_lightning.reports import main as report_main
 from dsr_lightning.reports.sweep import find_results
@@ -91,10 +91,10 @@ def test_job_certifies_its_rejector_and_the_baseline_on_the_same_images_and_nois
         assert rej[c].tolist() == den[c].tolist(), c
     assert (rej.N == 60).all() and (rej.n_R == 0).all()
     rec = {s: json.loads(Path(cert[s]["file"] + ".json").read_text()) for s in cert}
-    assert rec["rejection"]["rejector_sha256"] == sha256_of(res["best"])
+    assert rec["rejection"]["rejector_sha256"] == file_sha256(res["best"])
     assert rec["rejection"]["threshold"] == 1e9 and rec["rejection"]["bound"] == "paper"
-    assert rec["denoised"]["classifier_sha256"] == sha256_of(tiny_pretrained.classifier)
-    assert rec["denoised"]["denoiser_sha256"] == sha256_of(tiny_pretrained.denoisers[0.25])
+    assert rec["denoised"]["classifier_sha256"] == file_sha256(tiny_pretrained.classifier)
+    assert rec["denoised"]["denoiser_sha256"] == file_sha256(tiny_pretrained.denoisers[0.25])
     assert rec["denoised"]["bound"] == "cohen" and rec["rejection"]["run"]["T"] == 2
     # what a sweeper sees: a validation figure (here the monitored metric), never a test certificate
     assert res["objective"] == res["best_score"]
