@@ -16,6 +16,11 @@ class DataError(ValueError):
     """A data set file that is missing, unreadable or malformed; the message names the file."""
 
 
+class NetworkError(ValueError):
+    """A network whose outputs certification cannot use (non-finite values on noisy inputs, no
+    label); the message names what it gave and what to check."""
+
+
 class ResultsError(ValueError):
     """A results file (or its settings record) that cannot be read, trusted or written; the message
     names the file (and the line) and says what to do."""
@@ -35,4 +40,4 @@ class Interrupted(Exception):
 
 
 USER_ERRORS = (ConfigError, ResultsError, TrainingError, CheckpointError, DataError,
-               FileNotFoundError)
+               NetworkError, FileNotFoundError)

@@ -34,8 +34,11 @@ import numpy as np
 import pandas as pd
 
 from dsr_lightning.errors import ResultsError
+from dsr_lightning.identity import sketch_difference, tolerance
 
-FORMAT = 2  # the settings record's format (1: the first release, without content identity)
+# the settings record's format (1: the first release, without content identity; 2: networks
+# identified by their weights files' hashes; 3: by what each network is, `networks`)
+FORMAT = 3
 
 # The reference columns first, in their order, so existing analysis scripts read the file.
 REFERENCE_COLUMNS = ["idx", "label", "predict", "radius", "correct", "time"]
@@ -57,12 +60,16 @@ INT_COLUMNS = {"idx", "label", "predict", "correct", "n_A", "n_R", "n_B", "N", "
 REQUIRED_COLUMNS = ("idx", "label", "predict", "radius", "correct")  # what reports need
 
 # Everything that changes the numbers of a row: a file is only extended under the same values.
-# (skip, max, batch and images_per_step choose which images and how fast, not their numbers.)
-IDENTITY_KEYS = ("format", "mode", "system", "sigma", "N0", "N", "alpha", "bound", "split", "seed",
-                 "noise", "device", "bf16", "channels_last", "compile", "data",
-                 "classifier_sha256", "denoiser_sha256", "rejector_sha256", "threshold", "radius",
-                 "stages", "stage_weights", "attack", "attack_steps", "attack_draws",
-                 "attack_step_size")
+# SPEC_KEYS are the certification's own settings (tasks.CertificationSpec.record() writes exactly
+# these; skip, max, batch and images_per_step choose which images and how fast, not their
+# numbers); then what was certified: the system, the noise streams and device type, the data's
+# content fingerprint, each network as built (`networks`: {role: {id, recipe}}, compared by id and
+# by the probe outputs, models.fingerprint) and the threshold.
+SPEC_KEYS = ("mode", "sigma", "N0", "N", "alpha", "bound", "split", "seed", "bf16",
+             "channels_last", "compile", "radius", "stages", "stage_weights", "attack_steps",
+             "attack_draws", "attack_step_size")
+IDENTITY_KEYS = ("format", *SPEC_KEYS, "system", "noise", "device", "data", "networks",
+                 "threshold", "attack")
 
 
 def settings_path(path: str | Path) -> Path:
@@ -185,10 +192,61 @@ def jsonable(value):
     return value
 
 
+def network_ids(settings: dict) -> dict:
+    """{role: id} of the networks a settings record names ({} for records before format 3)."""
+    nets = settings.get("networks")
+    return {r: n.get("id") for r, n in nets.items()} if isinstance(nets, dict) else {}
+
+
+def identity_of(settings: dict, drop=()) -> dict:
+    """The identity of a record (IDENTITY_KEYS, the networks by their ids; a record before format
+    3 also by its weights files' hashes), without the keys in `drop` ('networks.rejector' drops
+    one network): what reports group and merge on."""
+    out = {k: settings.get(k) for k in IDENTITY_KEYS if k != "networks" and k not in drop}
+    out["networks"] = {r: i for r, i in network_ids(settings).items()
+                       if f"networks.{r}" not in drop and "networks" not in drop}
+    for k in ("classifier_sha256", "denoiser_sha256", "rejector_sha256"):  # format 2
+        if settings.get(k) is not None and k.split("_")[0] not in {d.split(".")[-1] for d in drop}:
+            out[k] = settings[k]
+    return jsonable(out)
+
+
+def _network_diff(old, new) -> list[str]:
+    """How two records' networks differ: another network (id), or the same recipe and weights
+    computing other outputs now (the probe, within models.fingerprint's tolerance)."""
+    old, new = old or {}, new or {}
+    out = []
+    for role in sorted(set(old) | set(new)):
+        a, b = old.get(role) or {}, new.get(role) or {}
+        if a.get("id") != b.get("id"):
+            out.append(f"networks.{role}: file {_named(a)} vs now {_named(b)}")
+            continue
+        pa, pb = (x.get("recipe", {}).get("probe") for x in (a, b))
+        if pa and pb:
+            diff = sketch_difference(pa["sketch"], pb["sketch"])
+            tol = tolerance(pa.get("device"), pb.get("device"))
+            if diff > tol:
+                out.append(f"networks.{role}: the same recipe and weights give other outputs now "
+                           f"(probe difference {diff:.3g} > {tol:g}: state outside its weights?)")
+    return out
+
+
+def _named(fp: dict) -> str:
+    if not fp:
+        return "none"
+    recipe = fp.get("recipe") or {}
+    return f"{recipe.get('name') or recipe.get('source')} #{fp.get('id')}"
+
+
 def _identity_diff(old: dict, new: dict) -> list[str]:
     old, new = jsonable(old), jsonable(new)  # records of earlier releases may hold Infinity
-    return [f"{k}: file {old.get(k)!r} vs now {new.get(k)!r}" for k in IDENTITY_KEYS
-            if old.get(k) != new.get(k)]
+    if old.get("format") != new.get("format"):
+        return [f"format: file {old.get('format')!r} vs now {new.get('format')!r} (a file of an "
+                "earlier release, whose networks are identified by their files, not by what they "
+                "compute: it cannot be extended)"]
+    out = [f"{k}: file {old.get(k)!r} vs now {new.get(k)!r}" for k in IDENTITY_KEYS
+           if k != "networks" and old.get(k) != new.get(k)]
+    return out + _network_diff(old.get("networks"), new.get("networks"))
 
 
 class WriterLock:
@@ -298,14 +356,17 @@ class ResultsFile:
         return {r[0] for r in rows}
 
     # -- writing -----------------------------------------------------------------------------
+    def _write_record(self, meta: Path) -> None:
+        tmp = Path(f"{meta}.tmp{os.getpid()}")
+        tmp.write_text(json.dumps(self.settings, indent=2, default=str, allow_nan=False) + "\n")
+        os.replace(tmp, meta)  # a file is never without its (whole) settings
+
     def open(self) -> None:
         """Create the file (settings record first, atomically; then the header) or repair a torn
         last line; then rows are appended."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if not self.path.exists() or self.path.stat().st_size == 0:
-            tmp = Path(f"{self.meta}.tmp{os.getpid()}")
-            tmp.write_text(json.dumps(self.settings, indent=2, default=str, allow_nan=False) + "\n")
-            os.replace(tmp, self.meta)  # a file is never without its (whole) settings
+            self._write_record(self.meta)
             with open(self.path, "w") as f:
                 f.write("\t".join(self.columns) + "\n")
                 f.flush()
@@ -337,14 +398,40 @@ class ResultsFile:
     def part(self, rank: int) -> Path:
         return Path(f"{self.path}.rank{rank}")
 
+    def open_part(self, rank: int) -> Path:
+        """The shard of rank `rank` of a multi-device run, ready for rows: it carries its own
+        settings record (written before its first row), so a shard left by a killed run is folded
+        in only under the same identity (`merge_parts`)."""
+        part = self.part(rank)
+        if part.exists() and part.stat().st_size:
+            self._check_part(part)
+        else:
+            self._write_record(settings_path(part))
+        return part
+
+    def _check_part(self, part: Path) -> None:
+        if not settings_path(part).is_file():
+            raise ResultsError(f"{part}: a shard without its settings record (of an earlier "
+                               "release, or not written here): it cannot be told to belong to "
+                               f"{self.path}. Move it away, then run the same command again")
+        old = read_settings(part, required=True)
+        if diff := _identity_diff(old, self.settings):
+            raise ResultsError(f"{part}: a shard of a run with other settings "
+                               f"({'; '.join(diff)}): its rows do not belong to {self.path}. Move "
+                               "it away, or restore the settings it was written with")
+
     def merge_parts(self) -> set[int]:
         """Fold shard files of a multi-device run into the results file, in index order (the
-        settings are checked first); returns the indices the file then holds. Each shard's torn
-        tail is dropped, and an image in two places is kept once."""
-        parts = sorted(self.path.parent.glob(self.path.name + ".rank*"))
+        settings are checked first, the file's and each shard's: a shard of other settings, or
+        without a record, is refused); returns the indices the file then holds. Each shard's
+        torn tail is dropped, and an image in two places is kept once."""
+        parts = sorted(p for p in self.path.parent.glob(self.path.name + ".rank*")
+                       if p.suffix != ".json" and ".tmp" not in p.name)
         done = self.check()
         if not parts:
             return done
+        for p in parts:
+            self._check_part(p)
         self.open()
         rows: dict[int, str] = {}
         for p in parts:
@@ -363,4 +450,5 @@ class ResultsFile:
                 os.fsync(f.fileno())
         for p in parts:
             p.unlink()
+            settings_path(p).unlink(missing_ok=True)
         return done | set(rows)

@@ -171,7 +171,7 @@ SMALL = [f"N0={N0}", f"N={N}", "batch=64", f"max={MAX}", "images_per_step=4", f"
 CERTIFY_RUNS = {
     "paper": ["system=rejection", "bound=paper"],
     "runner_up": ["system=rejection", "bound=runner_up"],
-    "denoised": ["system=denoised"],
+    "denoised": ["system=denoised", "rejector_ckpt=null"],  # f and D from their files
     "plain": ["system=plain"],
     "predict": ["system=rejection", "mode=predict"],
 }
@@ -321,3 +321,20 @@ class MemoryBoundNet(torch.nn.Module):
             raise torch.OutOfMemoryError(f"CUDA out of memory (simulated: {len(x)} > "
                                          f"{self.max_batch} images)")
         return self.fc(self.layer1(torch.relu(self.conv(x))).mean((2, 3)))
+
+
+class ScaledNet(torch.nn.Module):
+    """A small classifier whose constructor arguments change what it computes: `scale` multiplies
+    its logits; `random_buffer` adds a random shift held in a buffer outside its state dict (a
+    network that differs on every build)."""
+
+    def __init__(self, num_classes: int = 10, scale: float = 1.0, random_buffer: bool = False):
+        super().__init__()
+        self.scale = scale
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = torch.nn.Linear(8, num_classes)
+        shift = torch.randn(8) if random_buffer else torch.zeros(8)
+        self.register_buffer("shift", shift, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale * self.fc(torch.relu(self.conv(x)).mean((2, 3)) + self.shift)

@@ -31,6 +31,7 @@ from helpers import (
 from scipy.stats import binomtest, norm
 
 from dsr_lightning.errors import ConfigError, ResultsError
+from dsr_lightning.identity import system_id
 from dsr_lightning.results import CERTIFY_COLUMNS, PREDICT_COLUMNS, REFERENCE_COLUMNS
 
 RUNS = CERTIFY_RUNS  # name: overrides of one shared run (conftest's `runs`)
@@ -72,14 +73,22 @@ def test_results_file(runs, rejector, tiny_pretrained, name):
     assert {k: rec[k] for k in ("mode", "system", "sigma", "N0", "N", "alpha", "bound")} == {
         "mode": "certify", "system": RUNS[name][0].split("=")[1], "sigma": SIGMA, "N0": N0, "N": N,
         "alpha": 0.01, "bound": bound}
-    assert rec["classifier"] and Path(rec["classifier"]).is_file()
-    assert (rec["denoiser"] is None) == (name == "plain")
-    assert rec["denoiser"] is None or Path(rec["denoiser"]).is_file()
+    files, nets = rec["files"], rec["networks"]
+    assert files["classifier"] and Path(files["classifier"]).is_file()
+    assert (files["denoiser"] is None) == (name == "plain") == ("denoiser" not in nets)
+    assert files["denoiser"] is None or Path(files["denoiser"]).is_file()
+    # each network as built: its id, its recipe with the weights' hash and its probe outputs
+    for fp in nets.values():
+        assert len(fp["id"]) == 16 and len(fp["recipe"]["state_sha256"]) == 64
+        assert fp["recipe"]["probe"]["shape"] == [3, 16, 16] and fp["recipe"]["probe"]["sketch"]
     if name in ("paper", "runner_up"):
-        assert Path(rec["rejector"]) == rejector.resolve()
-        assert Path(rec["denoiser"]) == tiny_pretrained.denoisers[SIGMA]
+        assert Path(files["rejector"]) == rejector.resolve() and "rejector" in nets
+        assert Path(files["denoiser"]) == tiny_pretrained.denoisers[SIGMA]
     else:
-        assert rec["rejector"] is None
+        assert files["rejector"] is None and "rejector" not in nets
+    # the file's name carries the system's id
+    assert f"_{system_id(rec['system'], {r: fp['id'] for r, fp in nets.items()}, rec['threshold'])}_" \
+        in path.name
 
 
 def test_bounds_share_counts(runs):
@@ -174,8 +183,11 @@ def test_merge_shards_of_killed_run(runs, tiny_pretrained, rejector, tmp_path):
     out = copy_results(ref, tmp_path)
     header, *body = out.read_text().split("\n")[:-1]  # 4 rows: idx 0..3
     out.write_text(header + "\n" + body[0] + "\n" + body[1][:5])  # torn while merging
+    record = Path(f"{out}.json").read_text()
     Path(f"{out}.rank0").write_text(body[1] + "\n" + body[3][:3])  # idx 1, torn idx 3
     Path(f"{out}.rank1").write_text(body[2] + "\n")  # idx 2
+    for r in (0, 1):  # each shard carries the settings it was written under
+        Path(f"{out}.rank{r}.json").write_text(record)
     res = certify_tiny(tiny_pretrained, rejector, tmp_path, "system=plain", f"outfile={out}")
     assert res["todo"] == 1  # idx 3 only
     assert not list(tmp_path.glob(f"{out.name}.rank*"))
@@ -185,15 +197,37 @@ def test_merge_shards_of_killed_run(runs, tiny_pretrained, rejector, tmp_path):
     assert df.idx.tolist() == [0, 1, 2, 3] and df.notna()[["label", "N", "n_A"]].all().all()
 
 
+@pytest.mark.parametrize("shard", ["other seed", "no record"])
+def test_shards_carry_their_identity(runs, tiny_pretrained, tmp_path, shard):
+    """A shard of a killed multi-device run is folded in only under its own settings: one written
+    with another seed, or one without its record, is refused and the results file is untouched."""
+    out = copy_results(runs("plain"), tmp_path)
+    header, *body = out.read_text().split("\n")[:-1]
+    out.write_text(header + "\n" + body[0] + "\n")
+    part = Path(f"{out}.rank0")
+    part.write_text(body[1] + "\n")
+    if shard == "other seed":
+        rec = json.loads(Path(f"{out}.json").read_text())
+        Path(f"{part}.json").write_text(json.dumps({**rec, "seed": 1}))
+    before = snapshot(out)
+    with pytest.raises(ResultsError, match=r"rank0: a shard (of a run with other settings "
+                                           r"\(seed: file 1 vs now 0|without its settings record)"):
+        certify_tiny(tiny_pretrained, None, tmp_path, "system=plain", f"outfile={out}")
+    assert snapshot(out) == before and part.read_text() == body[1] + "\n"
+
+
 BAD = {  # overrides: what the error message must say
     "missing rejector": (["rejector_ckpt=/nonexistent/best.ckpt"], "rejector checkpoint not found"),
     "no rejector": (["rejector_ckpt=null"], "needs rejector_ckpt"),
     "sigma of rejector": (["sigma=0.5"], "trained for sigma=0.25"),
-    "missing denoiser": (["system=denoised", "denoiser.path=/nonexistent/d.pth.tar"],
-                         "denoiser checkpoint not found"),
-    "missing classifier": (["system=denoised", "classifier.path=/nonexistent/c.pth.tar"],
+    "missing denoiser": (["system=denoised", "rejector_ckpt=null",
+                          "denoiser.path=/nonexistent/d.pth.tar"], "denoiser checkpoint not found"),
+    "missing classifier": (["system=denoised", "rejector_ckpt=null",
+                            "classifier.path=/nonexistent/c.pth.tar"],
                            "classifier checkpoint not found"),
-    "sigma of denoiser": (["system=denoised", "sigma=1.0", "denoiser.path=${pretrained_root}/"
+    "baseline sigma of rejector": (["system=denoised", "sigma=0.5"], "trained for sigma=0.25"),
+    "sigma of denoiser": (["system=denoised", "rejector_ckpt=null", "sigma=1.0",
+                          "denoiser.path=${pretrained_root}/"
                            "trained_denoisers/${data.name}/mse_obj/dncnn_tiny/noise_0.50/"
                            "checkpoint.pth.tar"], "trained for sigma=0.5"),
     "N0 > N": (["N0=200", "N=100"], "N0=200 > N=100"),

@@ -65,7 +65,7 @@ def test_staged_results_file(staged_run, rejector):
                                 "stage_weights")} == {
         "mode": "staged", "N0": N0, "N": N, "alpha": ALPHA, "bound": "paper", "radius": RADIUS,
         "stages": STAGES, "stage_weights": WEIGHTS}
-    assert Path(rec["rejector"]) == rejector.resolve()
+    assert Path(rec["files"]["rejector"]) == rejector.resolve() and "rejector" in rec["networks"]
 
 
 def test_staged_saves_draws(staged_run):
@@ -84,7 +84,7 @@ def test_one_stage_equals_certify_mode(runs, tiny_pretrained, rejector, tmp_path
     cols = [c for c in CERTIFY_COLUMNS if c != "time"]
     pd.testing.assert_frame_equal(a[cols], b[cols])
     assert (b.stage == 0).all() and (b.certified_at_target == (b.radius >= RADIUS)).all()
-    # the certify-mode record has none of the staged keys, so files written before still resume
+    # the certify-mode record has none of the staged keys (a record names its mode's settings)
     rec = json.loads(Path(f"{runs('paper')}.json").read_text())
     assert not {"radius", "stages", "stage_weights"} & set(rec)
 

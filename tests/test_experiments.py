@@ -20,7 +20,8 @@ import torch
 from helpers import REPO, certify_tiny, error_lines, run_cli
 
 from dsr_lightning.config import compose
-from dsr_lightning.jobs.networks import file_sha256
+from dsr_lightning.identity import network_id
+from dsr_lightning.jobs.run_checkpoint import RunCheckpoint
 from dsr_lightning.jobs.training import train
 from dsr_lightning.reports import main as report_main
 from dsr_lightning.reports.sweep import find_results
@@ -91,10 +92,15 @@ def test_job_certifies_its_rejector_and_the_baseline_on_the_same_images_and_nois
         assert rej[c].tolist() == den[c].tolist(), c
     assert (rej.N == 60).all() and (rej.n_R == 0).all()
     rec = {s: json.loads(Path(cert[s]["file"] + ".json").read_text()) for s in cert}
-    assert rec["rejection"]["rejector_sha256"] == file_sha256(res["best"])
+    assert rec["rejection"]["files"]["rejector"] == str(Path(res["best"]).resolve())
     assert rec["rejection"]["threshold"] == 1e9 and rec["rejection"]["bound"] == "paper"
-    assert rec["denoised"]["classifier_sha256"] == file_sha256(tiny_pretrained.classifier)
-    assert rec["denoised"]["denoiser_sha256"] == file_sha256(tiny_pretrained.denoisers[0.25])
+    # the baseline is the checkpoint's own f and D: the networks the rejector was trained on
+    ids = {s: {r: fp["id"] for r, fp in rec[s]["networks"].items()} for s in rec}
+    assert ids["denoised"] == {r: ids["rejection"][r] for r in ("classifier", "denoiser")}
+    assert rec["denoised"]["files"]["rejector"] == rec["rejection"]["files"]["rejector"]
+    ckpt = RunCheckpoint.read(res["best"], weights=False)
+    assert rec["denoised"]["networks"]["classifier"]["id"] == network_id(
+        "classifier", ckpt.recipe("classifier"))
     assert rec["denoised"]["bound"] == "cohen" and rec["rejection"]["run"]["T"] == 2
     # what a sweeper sees: a validation figure (here the monitored metric), never a test certificate
     assert res["objective"] == res["best_score"]
@@ -239,15 +245,20 @@ def write_results(path: Path, rows: list[tuple], settings: dict | None) -> Path:
                                          0.8, 0.8, 0.1, label))))
     path.write_text("\n".join(lines) + "\n")
     if settings is not None:
-        Path(f"{path}.json").write_text(json.dumps({"format": 2, "mode": "certify", "N": 1000,
+        Path(f"{path}.json").write_text(json.dumps({"format": 3, "mode": "certify", "N": 1000,
                                                     **settings}))
     return path
 
 
-def setting(system, sigma, T=None, den="dncnn", obj="mse_obj", **extra):
-    sha = {"rejector_sha256": f"{sigma}-{T}"} if system == "rejection" else {}  # one per rejector
+def setting(system, sigma, T=None, den="dncnn", obj="mse_obj", clf="c1", **extra):
+    """A record's settings: each network by id (one rejector per σ and T)."""
+    nets = {"classifier": {"id": clf, "recipe": {"name": "resnet8"}},
+            "denoiser": {"id": f"{den}-{sigma}", "recipe": {"name": den}}}
+    if system == "rejection":
+        nets["rejector"] = {"id": f"{sigma}-{T}", "recipe": {"name": "rejector"}}
     return {"system": system, "sigma": sigma, "bound": "paper" if system == "rejection"
-            else "cohen", "run": {"T": T, "denoiser": den, "objective": obj}, **sha, **extra}
+            else "cohen", "run": {"T": T, "denoiser": den, "objective": obj}, "networks": nets,
+            **extra}
 
 
 # four images each; by hand, at r = 0 / 0.25 / 0.5 and the ACR:
@@ -266,7 +277,7 @@ def test_sweep_report_by_hand(tmp_path, capsys):
     write_results(sweep / "0_T=1" / "results" / "rej.tsv", ROWS["A"], setting("rejection", 0.25, 1))
     write_results(sweep / "1_T=2" / "results" / "rej.tsv", ROWS["B"], setting("rejection", 0.25, 2))
     write_results(sweep / "2_s0.5" / "results" / "rej.tsv", ROWS["C"], setting("rejection", 0.5, 2))
-    base = setting("denoised", 0.25, classifier_sha256="c" * 64)
+    base = setting("denoised", 0.25)
     write_results(sweep / "baselines" / "den.tsv", ROWS["B"], base)
     write_results(sweep / "copy" / "den.tsv", ROWS["B"], base)  # the same experiment again
     # two files of the reference scripts, no records, whose stems would collide
@@ -288,13 +299,14 @@ def test_sweep_report_by_hand(tmp_path, capsys):
              or ln.startswith("| – |")]
     # the numbers by hand; each also carries its 95 % interval (e.g. 2 of 4: [6.8, 93.2])
     assert "| 50.0 [6.8, 93.2] |" in table[0]
+    # the two files of the reference scripts read alike by setting: a `which` column names them
     assert [re.sub(r" \[[^]]*\]", "", ln) for ln in table] == [
-        "| – | – | – | – | – | 50.0 | 50.0 | 25.0 | 0.225 | 4 | 25.0 |",
-        "| – | – | – | – | – | 100.0 | 100.0 | 100.0 | 0.500 | 4 | 0.0 |",
-        "| 0.25 | – | dncnn | mse_obj | denoised | 75.0 | 25.0 | 25.0 | 0.300 | 4 | 25.0 |",
-        "| 0.25 | 1 | dncnn | mse_obj | rejection | 50.0 | 50.0 | 25.0 | 0.225 | 4 | 25.0 |",
-        "| 0.25 | 2 | dncnn | mse_obj | rejection | 75.0 | 25.0 | 25.0 | 0.300 | 4 | 25.0 |",
-        "| 0.5 | 2 | dncnn | mse_obj | rejection | 100.0 | 100.0 | 100.0 | 0.500 | 4 | 0.0 |",
+        "| – | – | – | – | – | sigma_0.25 | 50.0 | 50.0 | 25.0 | 0.225 | 4 | 25.0 |",
+        "| – | – | – | – | – | sigma_0.50 | 100.0 | 100.0 | 100.0 | 0.500 | 4 | 0.0 |",
+        "| 0.25 | – | dncnn | mse_obj | denoised |  | 75.0 | 25.0 | 25.0 | 0.300 | 4 | 25.0 |",
+        "| 0.25 | 1 | dncnn | mse_obj | rejection |  | 50.0 | 50.0 | 25.0 | 0.225 | 4 | 25.0 |",
+        "| 0.25 | 2 | dncnn | mse_obj | rejection |  | 75.0 | 25.0 | 25.0 | 0.300 | 4 | 25.0 |",
+        "| 0.5 | 2 | dncnn | mse_obj | rejection |  | 100.0 | 100.0 | 100.0 | 0.500 | 4 | 0.0 |",
     ]
     assert "| rejector | dncnn | mse_obj | 0.25 | 1 | 2 | 12.0 |" in out  # Table 1
     md = (rep / "report.md").read_text()

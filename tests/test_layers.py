@@ -11,18 +11,20 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "dsr_lightning"
 BELOW = {
     "errors": set(),
+    "identity": set(),  # network and system ids, probe comparison: numpy only
     "smoothing": {"errors"},
-    "models": {"errors"},
+    "models": {"errors", "identity"},
     "data": {"errors"},
-    "results": {"errors"},
-    "tasks": {"errors", "smoothing", "models", "data", "results"},
-    "config": {"errors", "smoothing", "models", "data", "results", "tasks"},
-    "reports": {"errors", "results", "smoothing"},
-    "jobs": {"errors", "smoothing", "models", "data", "results", "tasks", "config", "reports"},
-    "cli": {"errors", "smoothing", "models", "data", "results", "tasks", "config", "reports",
-            "jobs"},
+    "results": {"errors", "identity"},
+    "tasks": {"errors", "identity", "smoothing", "models", "data", "results"},
+    "config": {"errors", "identity", "smoothing", "models", "data", "results", "tasks"},
+    "reports": {"errors", "identity", "results", "smoothing"},
+    "jobs": {"errors", "identity", "smoothing", "models", "data", "results", "tasks", "config",
+             "reports"},
+    "cli": {"errors", "identity", "smoothing", "models", "data", "results", "tasks", "config",
+            "reports", "jobs"},
     # the Python API: beside cli, on top of the jobs
-    "api": {"errors", "smoothing", "models", "data", "results", "tasks", "jobs"},
+    "api": {"errors", "identity", "smoothing", "models", "data", "results", "tasks", "jobs"},
 }
 ENTRY = {"__main__", "threshold"}  # entry points: they call cli
 # the package root (only the version: imported by any layer, imports nothing) and the YAML tree

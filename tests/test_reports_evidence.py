@@ -29,10 +29,21 @@ from dsr_lightning.results import CERTIFY_COLUMNS, COLUMNS, ResultsFile
 DATA = {"name": "CIFAR10DataModule", "split_size": 100, "sha256": "a" * 64}
 
 
+def nets(classifier="c1", denoiser="d1", rejector=None) -> dict:
+    """The `networks` entry of a record: each network by id (and a name for the labels)."""
+    out = {"classifier": {"id": classifier, "recipe": {"name": "resnet110"}},
+           "denoiser": {"id": denoiser, "recipe": {"name": "dncnn"}}}
+    if rejector:
+        out["rejector"] = {"id": rejector, "recipe": {"name": "rejector"}}
+    return out
+
+
 def settings(**over):
-    base = {"format": 2, "mode": "certify", "system": "denoised", "sigma": 0.25, "N0": 100,
+    base = {"format": 3, "mode": "certify", "system": "denoised", "sigma": 0.25, "N0": 100,
             "N": 1000, "alpha": 0.001, "bound": "cohen", "split": "test", "seed": 0,
-            "noise": "philox-v1", "data": DATA}
+            "noise": "philox-v1", "data": DATA, "networks": nets()}
+    if over.get("system") == "rejection":
+        base.update(bound="paper", networks=nets(rejector="r1"))
     return {**base, **over}
 
 
@@ -234,6 +245,90 @@ def test_folder_compares_rejection_with_its_baseline(tmp_path, capsys):
     assert "| 0.5 | 9 | 0 | 1 | 2 | 0.003906 |" in section
     assert "differ significantly at 5 %" in section and "rejection" in section.split(
         "significantly")[1]
+
+
+def test_pairing_follows_the_networks_in_a_sweep_over_two_denoisers(tmp_path):
+    """A sweep over two denoisers at one σ (experiment=paper's DnCNN and MemNet): each rejection
+    file is compared with the baseline of ITS classifier and denoiser, never the other denoiser's;
+    a rejection file whose baseline is absent, or whose record names no networks (an earlier
+    release), gets "no baseline"."""
+    d = tmp_path / "sweep"
+    rej_d1 = write(d / "0" / "rej.tsv", certified_rows([1] * 10 + [0] * 2),
+                   settings(system="rejection", networks=nets("c1", "dncnn", "r1")))
+    rej_d2 = write(d / "1" / "rej.tsv", certified_rows([1] * 6 + [0] * 6),
+                   settings(system="rejection", networks=nets("c1", "memnet", "r2")))
+    base_d1 = write(d / "baselines" / "den_d1.tsv", certified_rows([1] * 1 + [0] * 11),
+                    settings(networks=nets("c1", "dncnn")))
+    base_d2 = write(d / "baselines" / "den_d2.tsv", certified_rows([1] * 6 + [0] * 6),
+                    settings(networks=nets("c1", "memnet")))
+    lone = write(d / "2" / "rej.tsv", certified_rows([1] * 12),
+                 settings(system="rejection", networks=nets("c2", "dncnn", "r3")))
+    old = write(d / "3" / "rej.tsv", certified_rows([1] * 12),
+                {k: v for k, v in settings(system="rejection", format=2).items()
+                 if k != "networks"})
+    results = [read_result(p) for p in (rej_d1, rej_d2, base_d2, base_d1, lone, old)]
+    from dsr_lightning.reports.compare import pair_rejection_with_baseline
+
+    assert pair_rejection_with_baseline(results) == [(0, 3), (1, 2), (4, None), (5, None)]
+    assert main([str(d), "--radii", "0.5"]) == 0
+    section = (d / "report" / "report.md").read_text().split("## Paired comparison")[1]
+    section = section.split("\n## ")[0]
+    assert "| 0.5 | 9 | 0 | 1 | 2 | 0.003906 |" in section  # rej_d1 against base_d1
+    assert "| 0.5 | 0 | 0 | 6 | 6 | 1 |" in section  # rej_d2 against base_d2: the same rows
+    assert section.count("no baseline among these files") == 2
+
+
+def test_a_report_merges_only_identical_files(tmp_path):
+    """Two files of one identity are one experiment only when their rows are the same (a baseline
+    certified by several jobs); with other rows both are shown, and their labels differ."""
+    d = tmp_path / "runs"
+    write(d / "a" / "den.tsv", certified_rows([1] * 4 + [0] * 2))
+    write(d / "b" / "den.tsv", certified_rows([1] * 4 + [0] * 2))  # a copy
+    write(d / "c" / "den.tsv", certified_rows([1] * 2 + [0] * 4))  # same identity, other rows
+    assert main([str(d), "--radii", "0.5"]) == 0
+    frame = summary_frame(sorted(d.rglob("den.tsv")), radii=[0.5])
+    md = (d / "report" / "report.md").read_text()
+    table = md.split("## Files")[0]
+    assert table.count("| denoised σ=0.25") == 2  # a (or its copy b), and c
+    assert len(set(frame["label"])) == 3
+
+
+def test_labels_never_read_alike(tmp_path):
+    """Files whose descriptions coincide are told apart by what differs in their records (the
+    classifier, N, ...), else by the shortest tail of their paths."""
+    d = tmp_path / "runs"
+    paths = [write(d / "x" / "results" / "rej.tsv", certified_rows([1, 0]),
+                   settings(system="rejection", networks=nets("c1", "d1", "r1"))),
+             write(d / "y" / "results" / "rej.tsv", certified_rows([1, 0]),
+                   settings(system="rejection", networks=nets("c2", "d1", "r1"))),
+             write(d / "u" / "results" / "den.tsv", certified_rows([1, 0]), settings()),
+             write(d / "v" / "results" / "den.tsv", certified_rows([1, 0]), settings())]
+    labels = summary_frame(paths, radii=[0])["label"].tolist()
+    assert len(set(labels)) == 4
+    assert labels[0].endswith("[classifier=resnet110#c1]")
+    assert labels[1].endswith("[classifier=resnet110#c2]")
+    assert labels[2].endswith("[u/results/den]") and labels[3].endswith("[v/results/den]")
+    grouped = markdown_table(summary_frame(paths, radii=[0]), grouped=True)
+    rows = [ln for ln in grouped.splitlines()[2:]]
+    assert len(set(rows)) == 4 and "which" in grouped.splitlines()[0]
+
+
+def test_T_panels_group_by_setting(tmp_path):
+    """Certified accuracy against T: one panel per setting (here two classifiers), never an
+    average over files that differ in anything but T."""
+    from dsr_lightning.reports.plots import t_ablation_groups
+
+    d = tmp_path / "runs"
+    paths = []
+    for clf in ("c1", "c2"):
+        for T in (1, 2):
+            st = settings(system="rejection", networks=nets(clf, "d1", f"r-{clf}-{T}"),
+                          run={"T": T, "denoiser": "dncnn", "objective": "mse_obj"})
+            paths.append(write(d / f"{clf}{T}" / "rej.tsv", certified_rows([1] * T + [0]), st))
+    groups = t_ablation_groups(summary_frame(paths, radii=[0]))
+    assert len(groups) == 2
+    assert [sorted(g["T"]) for g in groups] == [[1, 2], [1, 2]]
+    assert [g["classifier"].nunique() for g in groups] == [1, 1]
 
 
 # -- 3. per class -------------------------------------------------------------------------------

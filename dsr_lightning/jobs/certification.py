@@ -18,14 +18,17 @@ import dsr_lightning
 from dsr_lightning.config import to_dict
 from dsr_lightning.config.schema import ClassifierConfig, DenoiserConfig, check_certify
 from dsr_lightning.errors import ConfigError
+from dsr_lightning.identity import system_id
 from dsr_lightning.jobs import networks
 from dsr_lightning.jobs.interrupt import stop_on_signals
-from dsr_lightning.jobs.networks import DataFacts, data_facts, file_sha256
+from dsr_lightning.jobs.networks import DataFacts, data_facts
 from dsr_lightning.jobs.run_checkpoint import RunCheckpoint
 from dsr_lightning.models import SmoothingSystem
 from dsr_lightning.results import FORMAT, ResultsFile, WriterLock
 from dsr_lightning.smoothing import check_stages, default_step_size, noise_scheme
 from dsr_lightning.tasks import CertificationModule, CertificationSpec, RowWriter
+
+ATTACK_SCHEME = "smoothadv-l2/keep-weighted/v1"  # mode=attack's loss and steps (DESIGN §13)
 
 
 def spec_of(cfg: DictConfig) -> CertificationSpec:
@@ -51,49 +54,68 @@ def spec_of(cfg: DictConfig) -> CertificationSpec:
 
 
 def build_system(cfg: DictConfig, data: DataFacts | None = None) -> tuple[SmoothingSystem, dict]:
-    """The base classifier of the chosen system, and what it was built from: the paths, the
-    sha256 of each checkpoint's content, and a description for reports."""
+    """The base classifier of the chosen system, and what it is: {networks: {role: fingerprint}
+    (jobs.networks.fingerprint: each network's id and recipe, with its weights' hash and its probe
+    outputs), threshold, files (where each network was read), run (a description for reports)}.
+    With a rejector checkpoint (rejector_ckpt=...), system=rejection is f_R and system=denoised
+    its baseline: the checkpoint's own f and D, rebuilt and checked against the outputs recorded at
+    training, whatever the files on disk hold now."""
     name = cfg.system.name
-    if name == "rejection":
-        if not cfg.get("rejector_ckpt"):
+    ckpt_path = cfg.get("rejector_ckpt")
+    if name == "rejection" or (name == "denoised" and ckpt_path):
+        if not ckpt_path:
             raise ConfigError("system=rejection needs rejector_ckpt=<a rejector checkpoint of "
                               "train.py> (or choose system=denoised|plain)")
-        if not Path(cfg.rejector_ckpt).exists():
-            raise ConfigError(f"rejector checkpoint not found: {cfg.rejector_ckpt}\n  Train one "
+        if not Path(ckpt_path).exists():
+            raise ConfigError(f"rejector checkpoint not found: {ckpt_path}\n  Train one "
                               "with `python train.py denoiser=... sigma=...` and pass "
                               "rejector_ckpt=<run>/checkpoints/best.ckpt")
-        ckpt = RunCheckpoint.read(cfg.rejector_ckpt)
-        system = ckpt.rejection_system(cfg.sigma, cfg.get("threshold"))
+        ckpt = RunCheckpoint.read(ckpt_path)
+        system, prints = ckpt.system(name, cfg.sigma,
+                                     cfg.get("threshold") if name == "rejection" else None)
         _check_classes(system.num_classes, data, f"the rejector {ckpt.path}")
         run = ckpt.config
+        rej = run["rejector"]
+        described = {"classifier": run["classifier"]["name"], "denoiser": run["denoiser"]["name"],
+                     "objective": run["denoiser"].get("objective"),
+                     "noise_sd": float(run["classifier"].get("noise_sd") or 0.0)}
+        if name == "rejection":
+            described.update(
+                T=run["T"], head=rej["head"], target=rej["target"],
+                training={k: rej.get(k) for k in ("pos_weight", "correct_weight", "focal_gamma")}
+                | {"epochs": (run.get("optim") or {}).get("epochs"), "seed": run.get("seed")},
+                threshold_choice=ckpt.threshold_choice, wandb=ckpt.wandb)
+        else:
+            described.update(T=None, rejector_of=str(ckpt.path.resolve()))
         return system, {
-            "classifier": run["classifier"].get("path"), "denoiser": run["denoiser"].get("path"),
-            "rejector": str(ckpt.path.resolve()), "classifier_sha256": None,
-            "denoiser_sha256": None, "rejector_sha256": file_sha256(ckpt.path),
-            "threshold": system.threshold,
-            "run": {"classifier": run["classifier"]["name"], "denoiser": run["denoiser"]["name"],
-                    "objective": run["denoiser"].get("objective"), "T": run["T"],
-                    "head": run["rejector"]["head"], "target": run["rejector"]["target"],
-                    "threshold_choice": ckpt.threshold_choice, "wandb": ckpt.wandb}}
+            "networks": prints, "threshold": system.threshold if name == "rejection" else None,
+            "files": {"classifier": run["classifier"].get("path"),
+                      "denoiser": run["denoiser"].get("path"), "rejector": str(ckpt.path.resolve())},
+            "run": described}
     clf = networks.build("classifier", cfg.classifier, data=data)
     den = networks.build("denoiser", cfg.denoiser, sigma=cfg.sigma, data=data) \
         if name == "denoised" else None
     print(networks.describe("classifier", clf.recipe), flush=True)
     if den is not None:
         print(networks.describe("denoiser", den.recipe), flush=True)
-
-    def sha(node, net) -> str:  # the weights file's, or (torchvision's own weights) the tensors'
-        path = node.get("path")
-        return file_sha256(path) if path and Path(str(path)).is_file() else net.recipe["state_sha256"]
-
+    prints = {"classifier": networks.fingerprint("classifier", clf.recipe)}
+    if den is not None:
+        prints["denoiser"] = networks.fingerprint("denoiser", den.recipe)
     return SmoothingSystem(clf.module, den.module if den else None), {
-        "classifier": cfg.classifier.get("path") or clf.recipe.get("weights"),
-        "denoiser": cfg.denoiser.get("path") if den else None,
-        "rejector": None, "classifier_sha256": sha(cfg.classifier, clf),
-        "denoiser_sha256": sha(cfg.denoiser, den) if den else None, "rejector_sha256": None,
+        "networks": prints, "threshold": None,
+        "files": {"classifier": cfg.classifier.get("path") or clf.recipe.get("weights"),
+                  "denoiser": cfg.denoiser.get("path") if den else None, "rejector": None},
         "run": {"classifier": cfg.classifier.name, "noise_sd": float(cfg.classifier.noise_sd),
                 "denoiser": cfg.denoiser.name if den else None,
                 "objective": cfg.denoiser.objective if den else None, "T": None}}
+
+
+def results_path(template: str, system: str, built: dict) -> Path:
+    """The results file of a system: `outfile` with `{id}` replaced by the system's id
+    (identity.system_id: its networks and threshold), so two systems never share a file and the
+    same system finds its file again."""
+    ids = {role: fp["id"] for role, fp in built["networks"].items()}
+    return Path(str(template).replace("{id}", system_id(system, ids, built["threshold"])))
 
 
 def _check_classes(k: int, data: DataFacts | None, what: str) -> None:
@@ -113,11 +135,12 @@ def _command_line_keys() -> list[str]:
 
 
 def adopt_checkpoint(cfg: DictConfig, given: list[str] | None = None) -> None:
-    """system=rejection: the networks, σ and (unless data=... is given) the data come from the
-    rejector checkpoint, so `certify.py rejector_ckpt=<best.ckpt>` alone certifies what was
-    trained, on the data it was trained for. A command-line setting of the classifier, the
-    denoiser or σ that disagrees with the checkpoint is refused, naming the key."""
-    if cfg.system.name != "rejection" or not cfg.get("rejector_ckpt") \
+    """system=rejection (or system=denoised, the rejector's baseline) with rejector_ckpt=...: the
+    networks, σ and (unless data=... is given) the data come from the rejector checkpoint, so
+    `certify.py rejector_ckpt=<best.ckpt>` alone certifies what was trained, on the data it was
+    trained for. A command-line setting of the classifier, the denoiser or σ that disagrees with
+    the checkpoint is refused, naming the key."""
+    if cfg.system.name not in ("rejection", "denoised") or not cfg.get("rejector_ckpt") \
             or not Path(cfg.rejector_ckpt).is_file():
         return
     ckpt = RunCheckpoint.read(cfg.rejector_ckpt, weights=False)
@@ -168,25 +191,16 @@ def _short(v) -> str:
     return text if len(text) <= 120 else text[:117] + "..."
 
 
-def settings_of(spec: CertificationSpec, system: str, sources: dict, data: dict,
+def settings_of(spec: CertificationSpec, system: str, built: dict, data: dict,
                 device: torch.device) -> dict:
-    """The settings record of a results file: results.IDENTITY_KEYS, then what else the numbers
-    depend on (the versions, the device model) and a description."""
-    staged, attack = spec.mode == "staged", spec.mode == "attack"
-    return {"format": FORMAT, "mode": spec.mode, "system": system, "sigma": spec.sigma,
-            "N0": spec.N0, "N": spec.N, "alpha": spec.alpha, "bound": spec.bound,
-            "split": spec.split, "seed": spec.seed, "noise": noise_scheme(device.type),
-            "device": device.type,
-            "bf16": spec.bf16, "channels_last": spec.channels_last, "compile": spec.compile,
-            "data": data, **sources,
-            "skip": spec.skip, "max": spec.max, "batch": spec.batch,
-            # mode=staged only (absent, i.e. None, in the other modes' records)
-            **({"radius": spec.radius, "stages": list(spec.stages),
-                "stage_weights": list(spec.stage_weights)} if staged else {}),
-            # mode=attack only: ε (radius) and the attack (the step size resolved)
-            **({"radius": spec.radius, "attack_steps": spec.attack_steps,
-                "attack_draws": spec.attack_draws, "attack_step_size": spec.attack_step_size,
-                "attack": "smoothadv-l2/keep-weighted/v1"} if attack else {}),
+    """The settings record of a results file: results.IDENTITY_KEYS (the spec's own, then the
+    system, the noise, the data and each network as built), then what else the numbers depend on
+    (the versions, the device model) and a description (files, run)."""
+    return {"format": FORMAT, **spec.record(), "system": system,
+            "noise": noise_scheme(device.type), "device": device.type, "data": data,
+            "networks": built["networks"], "threshold": built["threshold"],
+            "attack": ATTACK_SCHEME if spec.mode == "attack" else None,
+            "files": built["files"], "run": built["run"],
             "versions": {"dsr_lightning": dsr_lightning.__version__, "torch": torch.__version__,
                          "device_model": _device_model(device)}}
 
@@ -246,23 +260,29 @@ def certify(cfg: DictConfig, adopt: bool = True) -> dict:
     _never_rejecting(cfg)
     spec = spec_of(cfg)
     main = _main_process()
-    lock = WriterLock(cfg.outfile)
     if main:
-        lock.acquire(wait=bool(cfg.get("wait", False)))  # before any work: writable, and ours
+        WriterLock(cfg.outfile).prepare()  # before any work: the folder is there and writable
+    datamodule = instantiate(cfg.data)
+    dataset = datamodule.dataset(spec.split)  # prepares and sets up what it needs
+    system, built = build_system(cfg, data_facts(datamodule))
+    if len(dataset) == 0:
+        raise ConfigError(f"split={spec.split} of data={type(datamodule).__name__} holds no "
+                          "images: nothing to certify (choose another split, or data with "
+                          "images in it)")
+    path = results_path(cfg.outfile, cfg.system.name, built)
+    print("certify: " + ", ".join(f"{role} {fp['recipe'].get('name') or ''} #{fp['id']}"
+                                  for role, fp in built["networks"].items())
+          + f" -> {path}", flush=True)
+    lock = WriterLock(path)
+    if main:
+        lock.acquire(wait=bool(cfg.get("wait", False)))  # the file is ours from here on
     try:
-        datamodule = instantiate(cfg.data)
-        dataset = datamodule.dataset(spec.split)  # prepares and sets up what it needs
-        system, sources = build_system(cfg, data_facts(datamodule))
-        if len(dataset) == 0:
-            raise ConfigError(f"split={spec.split} of data={type(datamodule).__name__} holds no "
-                              "images: nothing to certify (choose another split, or data with "
-                              "images in it)")
         trainer: pl.Trainer = instantiate(cfg.trainer, logger=False,
                                           use_distributed_sampler=False)
         data = {"name": type(datamodule).__name__, "split_size": len(dataset),
                 "fingerprint": datamodule.fingerprint(spec.split)}
-        results = ResultsFile(cfg.outfile, settings_of(spec, cfg.system.name, sources, data,
-                                                       _device(trainer)), spec.columns)
+        results = ResultsFile(path, settings_of(spec, cfg.system.name, built, data,
+                                                _device(trainer)), spec.columns)
         # checked under the lock, as the file is about to be written; the shards of a killed
         # multi-device run are folded in (main process only)
         done = results.merge_parts() if main else results.check()
@@ -281,7 +301,7 @@ def certify(cfg: DictConfig, adopt: bool = True) -> dict:
             lock.release()
     out = {"outfile": str(results.path), "settings": str(results.meta), "todo": len(todo),
            "done_before": len(done), "system": cfg.system.name,
-           "wandb": sources["run"].get("wandb")}
+           "wandb": built["run"].get("wandb")}
     if main and spec.mode == "certify":
         from dsr_lightning.reports import markdown_table, summary_frame
 
@@ -361,7 +381,8 @@ def certify_after_fit(train_cfg: DictConfig, rejector_ckpt: str, outdir: Path,
     shared = sweep_dir() / "baselines" if is_multirun() else outdir
     out = {}
     for system in train_cfg.certify.systems:
-        ckpt = str(rejector_ckpt) if system == "rejection" else None
+        # the baseline is the checkpoint's own f and D (not the files, which may have changed)
+        ckpt = str(rejector_ckpt) if system in ("rejection", "denoised") else None
         cfg = job_config(train_cfg, system, ckpt, outdir if system == "rejection" else shared)
         res = certify(cfg, adopt=False)
         out[system] = {"file": res["outfile"], "acr": res["acr"], "acc": res["acc"],

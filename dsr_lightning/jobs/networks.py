@@ -21,15 +21,18 @@ Sources (`<role>.source`):
 from __future__ import annotations
 
 import hashlib
+import inspect
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from dsr_lightning.errors import CheckpointError, ConfigError
+from dsr_lightning.identity import network_id, sketch_difference, tolerance
 from dsr_lightning.models import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -43,6 +46,7 @@ from dsr_lightning.models import (
     read_checkpoint,
     state_sha256,
 )
+from dsr_lightning.models.fingerprint import run_probe
 
 ROLES = ("classifier", "denoiser")
 
@@ -201,13 +205,45 @@ def _torchvision(node: dict, role: str, trained: bool, num_classes: int | None):
     try:
         net = builder(weights=weights, **kwargs)
     except Exception as e:  # noqa: BLE001 - no network for the download, a bad argument, ...
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ConfigError(f"{role}: torchvision could not build {name}"
-                          f"{f' with weights {weights.name}' if meta else ''}: {first}"
+                          f"{f' with weights {weights.name}' if meta else ''}: {cause(e)}"
                           + (" (the weights are downloaded on first use: this needs internet, "
                              "or place the file in torch's hub cache, $TORCH_HOME/hub/checkpoints)"
                              if meta else "")) from None
     return net, meta
+
+
+def implied_kwargs(net: nn.Module, given: dict) -> dict:
+    """The constructor arguments a torchvision builder set itself because weights were given
+    (Inception-v3 and GoogLeNet: transform_input=True; GoogLeNet drops its auxiliary heads):
+    every scalar argument of the network's class that the built network holds as an attribute of
+    the same name with a value other than the argument's default. Rebuilt with these (and no
+    weights), the network has the same structure and computes the same function."""
+    try:
+        params = inspect.signature(type(net).__init__).parameters
+    except (TypeError, ValueError):
+        return {}
+    out = {}
+    for p in params.values():
+        if p.name in ("self", *given) or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        value = getattr(net, p.name, inspect.Parameter.empty)
+        if isinstance(value, bool | int | float | str) and value != p.default:
+            out[p.name] = value
+    return out
+
+
+def cause(e: BaseException, limit: int = 600) -> str:
+    """An exception as one readable piece of a message: its type and text (the first lines), and
+    the underlying cause where a wrapper (Hydra's InstantiationException) hides it."""
+    inner = e.__cause__ or e.__context__
+    text = " ".join(str(e).split()) or type(e).__name__
+    if len(text) > limit:
+        text = text[:limit - 3] + "..."
+    out = f"{type(e).__name__}: {text}"
+    if inner is not None and type(e).__name__ == "InstantiationException":
+        out += f" (caused by {cause(inner, limit)})"
+    return out
 
 
 def _module(node: dict, role: str):
@@ -221,8 +257,7 @@ def _module(node: dict, role: str):
     try:
         net = instantiate(OmegaConf.create(spec))
     except InstantiationException as e:
-        first = str(e).strip().splitlines()[0]
-        raise ConfigError(f"{role}.net: cannot build {spec['_target_']!r}: {first}") from None
+        raise ConfigError(f"{role}.net: cannot build {spec['_target_']!r}: {cause(e)}") from None
     if not isinstance(net, nn.Module):
         raise ConfigError(f"{role}.net._target_={spec['_target_']} gave a {type(net).__name__}, "
                           "not an nn.Module")
@@ -296,9 +331,11 @@ def build(role: str, spec, *, data: DataFacts | None = None, sigma: float | None
                                  trained, k)
         if path is not None:
             load_weights(net, path, node.get("strip_prefix"), what=role)
+        kwargs = dict(node.get("kwargs") or {})
+        if meta is not None:  # what the builder set for these weights, so a rebuild is the same
+            kwargs.update(implied_kwargs(net, {**kwargs, "num_classes": k}))
         recipe.update(model=node["model"], num_classes=k,
-                      weights=meta.name if meta is not None else None,
-                      kwargs=dict(node.get("kwargs") or {}))
+                      weights=meta.name if meta is not None else None, kwargs=kwargs)
     elif source == "module":
         net = _module(node, role)
         path = _check_path(role, node, sigma, needed=False) if trained else None
@@ -332,8 +369,125 @@ def build(role: str, spec, *, data: DataFacts | None = None, sigma: float | None
                       else None)
     if trained:
         freeze(net)
+        shape = data.image_shape if data is not None and data.image_shape else None
+        recipe["probe"] = probe(role, net, recipe, shape, sigma)
     recipe["state_sha256"] = state_sha256(net)
     return Network(net, recipe)
+
+
+def _what(role: str, recipe: dict) -> str:
+    """The network as the user named it: 'the classifier (module my_pkg.Net)'."""
+    source = recipe.get("source") or "arch"
+    what = {"arch": recipe.get("arch"), "torchvision": recipe.get("model"),
+            "module": (recipe.get("net") or {}).get("_target_"), "file": recipe.get("path"),
+            "rejector": (recipe.get("net") or {}).get("_target_")}.get(source)
+    return f"the {role} ({role}.source={source}: {what})"
+
+
+def check_output(role: str, out, x: torch.Tensor, what: str) -> None:
+    """A network's output on a batch x must be what certification uses: a classifier's or the
+    rejector's logits (B, K), a denoiser's image of x's shape; finite. ConfigError otherwise."""
+    shape = tuple(x.shape)
+    if not isinstance(out, torch.Tensor):
+        kind = type(out).__name__
+        want = "an image tensor of its input's shape" if role == "denoiser" else "a logits tensor (B, K)"
+        raise ConfigError(f"{what} returns a {kind} on a probe batch of shape {shape}, not {want}: "
+                          "make its forward return that tensor (e.g. wrap it in a module whose "
+                          "forward picks it out of the output)")
+    if role == "denoiser" and tuple(out.shape) != shape:
+        raise ConfigError(f"{what} maps a probe batch of shape {shape} to {tuple(out.shape)}: a "
+                          "denoiser must return images of its input's shape (the data's: "
+                          f"{shape[1:]})")
+    if role != "denoiser" and (out.dim() != 2 or len(out) != len(x)):
+        raise ConfigError(f"{what} returns a tensor of shape {tuple(out.shape)} on a probe batch of "
+                          f"shape {shape}, not logits ({len(x)}, K)")
+    if not torch.isfinite(out).all():
+        raise ConfigError(f"{what} gives non-finite outputs (NaN or Inf) on a probe batch of the "
+                          f"data's shape {shape}: a broken or diverged network, whose certificates "
+                          "would mean nothing. Check its weights and its forward")
+
+
+def probe(role: str, net, recipe: dict, shape, sigma: float | None = None,
+          what: str | None = None) -> dict | None:
+    """Run the network (a module, or a function of a batch) once on the probe batch of the data's
+    image `shape` (a denoiser's or the rejector's with their noise σ added) before any work: a
+    network that fails there, returns something other than what certification uses, or gives
+    non-finite values is one ConfigError naming it. Returns the probe record
+    (models.fingerprint.run_probe); None without a shape."""
+    if shape is None:
+        return None
+    what = what or _what(role, recipe)
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        try:
+            out = net(x)
+        except ConfigError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any failure of a foreign network: say which
+            raise ConfigError(f"{what} fails on a probe batch of the data's shape "
+                              f"{tuple(x.shape)}{f' (noisy, σ = {sigma:g})' if sigma else ''}: "
+                              f"{cause(e)}. It must take the data's images (B, C, H, W) in "
+                              "[0, 1]: check its input size and channels, or the data's "
+                              "(data.image_size, data.channels)") from None
+        check_output(role, out, x, what)
+        return out
+
+    return run_probe(forward, shape, sigma if role != "classifier" else None,
+                     device=_device_of(net))
+
+
+def _device_of(net) -> torch.device:
+    """Where a network's tensors are (the CPU for a plain function or a network without any)."""
+    if not isinstance(net, nn.Module):
+        return torch.device("cpu")
+    t = next((t for t in (*net.parameters(), *net.buffers())), None)
+    return t.device if t is not None else torch.device("cpu")
+
+
+def fingerprint(role: str, recipe: dict) -> dict:
+    """What a results record holds of a network: its id (models.fingerprint.network_id) and its
+    recipe (with the weights' hash and the probe record)."""
+    return {"id": network_id(role, recipe), "recipe": recipe}
+
+
+def verify(role: str, net: nn.Module, recipe: dict, where: str) -> dict:
+    """A rebuilt network against its recipe: its probe outputs must be the recorded ones (within
+    models.fingerprint's tolerance), else CheckpointError naming the network and the difference.
+    Returns the recipe with the probe record (taken now where none was recorded: a checkpoint of
+    an earlier release, whose rebuild then cannot be checked)."""
+    recorded = recipe.get("probe")
+    if not recorded:
+        return recipe
+    now = probe(role, net, recipe, recorded["shape"], recorded.get("sigma"))
+    diff = sketch_difference(recorded["sketch"], now["sketch"])
+    tol = tolerance(recorded.get("device"), now["device"])
+    if diff > tol:
+        raise CheckpointError(
+            f"{_what(role, recipe)} rebuilt from {where} is not the network that was trained: on "
+            f"the probe batch its outputs differ from the recorded ones by {diff:.3g} of their "
+            f"scale (tolerance {tol:g}). It holds state outside its weights (a buffer that is not "
+            "saved, a random draw in its constructor), or its code or a constructor argument "
+            "changed since; certify with the code and arguments it was trained with")
+    return recipe
+
+
+def check_unchanged(recorded: dict | None, now: dict, where: str) -> None:
+    """A resumed run's networks, as built now from their files and nodes, must be those its
+    checkpoint recorded at the start (the same id: weights and recipe); else CheckpointError naming
+    each network that changed (a weights file replaced since training, say)."""
+    changed = []
+    for role, recipe in (now or {}).items():
+        old = (recorded or {}).get(role)
+        if not old or "state_sha256" not in old:
+            continue  # an earlier release's checkpoint: nothing recorded to compare
+        if network_id(role, old) != network_id(role, recipe):
+            part = "weights" if old.get("state_sha256") != recipe.get("state_sha256") else "recipe"
+            changed.append(f"{role} ({part} differ: {recipe.get('path') or recipe.get('name')})")
+    if changed:
+        raise CheckpointError(
+            f"{where} was trained with other networks than those built now: "
+            f"{'; '.join(changed)}. A weights file replaced since training would mix two networks "
+            "in one run: restore the files it was trained with, or start a new run")
 
 
 def rebuild(role: str, recipe: dict) -> nn.Module:

@@ -21,13 +21,14 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from dsr_lightning.errors import CheckpointError, ConfigError
-from dsr_lightning.jobs.networks import rebuild
+from dsr_lightning.jobs.networks import fingerprint, probe, rebuild, verify
 from dsr_lightning.models import (
     SmoothingSystem,
     freeze,
     load_state_dict_strict,
     non_finite_keys,
     read_checkpoint,
+    state_sha256,
 )
 
 RESUME_HINT = "resume from <run>/checkpoints/last.ckpt"
@@ -114,6 +115,16 @@ class RunCheckpoint:
                          threshold: float | None = None) -> SmoothingSystem:
         """f_R rebuilt from this file alone (f, D, the heads and the threshold); `threshold`
         replaces the checkpoint's. A σ other than the rejector's is refused."""
+        return self.system("rejection", sigma, threshold)[0]
+
+    def system(self, name: str = "rejection", sigma: float | None = None,
+               threshold: float | None = None) -> tuple[SmoothingSystem, dict]:
+        """(a system rebuilt from this file alone, the fingerprints of its networks: {role:
+        jobs.networks.fingerprint}). `rejection`: f_R (f, D, the heads and the threshold;
+        `threshold` replaces the checkpoint's); `denoised`: the same f and D without the heads
+        (the rejector's baseline: the networks it was trained on, not the files as they are now).
+        Each rebuilt network must reproduce the outputs recorded when it was trained. A σ other
+        than the rejector's is refused."""
         self.require_stage("rejector", "pass rejector_ckpt=<run>/checkpoints/best.ckpt of a "
                                        "rejector run")
         run = self.config
@@ -121,17 +132,29 @@ class RunCheckpoint:
             raise ConfigError(f"the rejector {self.path} was trained for sigma={run['sigma']:g}, "
                               f"but sigma={float(sigma):g} was asked: certify with "
                               f"sigma={run['sigma']:g} or train a rejector for this sigma")
+        nets, prints = {}, {}
+        for role in ("classifier", "denoiser"):
+            nets[role], recipe = self._network(role)
+            prints[role] = fingerprint(role, recipe)
+        clf, den = nets["classifier"], nets["denoiser"]
+        if name == "denoised":
+            return SmoothingSystem(clf, den, num_classes=clf.num_classes), prints
         t = self.threshold() if threshold is None else float(threshold)
-        clf, den = self.network("classifier"), self.network("denoiser")
         shape = tuple(clf.input_shape)
-        rej = instantiate(OmegaConf.create(run["rejector"]["net"]))(
-            num_classes=clf.num_classes, feature_channels=clf.feature_channels,
-            image_size=shape[-1])
+        spec = dict(num_classes=clf.num_classes, feature_channels=clf.feature_channels,
+                    image_size=shape[-1])
+        rej = instantiate(OmegaConf.create(run["rejector"]["net"]))(**spec)
         load_state_dict_strict(rej, self.part("rejector"), source=f"{self.path} (rejector)")
+        freeze(rej)
+        recipe = {"source": "rejector", "net": run["rejector"]["net"], **spec,
+                  "state_sha256": state_sha256(rej)}
+        full = SmoothingSystem(clf, den, rej, threshold=t, num_classes=clf.num_classes)
+        recipe["probe"] = probe("rejector", lambda x: full.outputs(x)["head_logits"], recipe,
+                                shape, float(run["sigma"]), what=f"the rejector of {self.path}")
+        prints["rejector"] = fingerprint("rejector", recipe)
         # +inf never rejects: the heads need not run (the counts are the same, n_R = 0)
-        heads = None if math.isinf(t) and t > 0 else freeze(rej)
-        return SmoothingSystem(freeze(clf), freeze(den), heads, threshold=t,
-                               num_classes=clf.num_classes)
+        heads = None if math.isinf(t) and t > 0 else rej
+        return SmoothingSystem(clf, den, heads, threshold=t, num_classes=clf.num_classes), prints
 
     def recipe(self, role: str) -> dict:
         """How the run built its `role` network (jobs.networks), recorded at training; a
@@ -148,15 +171,32 @@ class RunCheckpoint:
         return {"source": "arch", **node}
 
     def network(self, role: str) -> nn.Module:
-        """The run's frozen `role` network rebuilt from its recipe, with the weights of this file."""
-        recipe = self.recipe(role)
+        """The run's frozen `role` network rebuilt from its recipe, with the weights of this file;
+        refused (CheckpointError) unless it reproduces the outputs recorded at training."""
+        return self._network(role)[0]
+
+    def _network(self, role: str) -> tuple[nn.Module, dict]:
+        """(the rebuilt, verified network, its recipe with the weights' hash and the probe)."""
+        recipe = dict(self.recipe(role))
         try:
             net = rebuild(role, recipe)
         except (ValueError, TypeError) as e:
             raise CheckpointError(f"{self.path}: cannot rebuild the {role} from its record "
                                   f"({e})") from None
         load_state_dict_strict(net, self.part(role), source=f"{self.path} ({role})")
-        return freeze(net)
+        freeze(net)
+        weights = state_sha256(net)
+        if recipe.get("state_sha256") not in (None, weights):
+            raise CheckpointError(f"{self.path}: the {role}'s weights in the checkpoint are not "
+                                  "those its record names (an edited or damaged checkpoint); "
+                                  "use an intact one")
+        recipe["state_sha256"] = weights
+        verify(role, net, recipe, str(self.path))
+        if not recipe.get("probe"):  # an earlier release's record: probed now, for the results
+            shape = recipe.get("input_shape") or self.recipe("classifier").get("input_shape")
+            sigma = float(self.config["sigma"]) if role == "denoiser" else None
+            recipe["probe"] = probe(role, net, recipe, shape, sigma)
+        return net, recipe
 
     def load_into(self, module: nn.Module) -> nn.Module:
         """The file's weights into the task that wrote it (strict)."""

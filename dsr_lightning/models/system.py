@@ -8,12 +8,15 @@ import torch.nn as nn
 # The systems certified: rejection (f, D and the heads), denoised (f and D: Salman et al.), plain
 # (f alone: Cohen et al.)
 SYSTEMS = ("rejection", "denoised", "plain")
+INVALID = -1  # the label of a draw whose logits are not finite: no class, counted apart and refused
 
 
 def freeze(module: nn.Module) -> nn.Module:
-    """Eval mode and requires_grad False on every parameter; returns the module."""
+    """Eval mode and requires_grad False on every parameter; returns the module. (Parameter by
+    parameter: a TorchScript module has no requires_grad_.)"""
     module.eval()
-    module.requires_grad_(False)
+    for p in module.parameters():
+        p.requires_grad_(False)
     return module
 
 
@@ -56,7 +59,8 @@ class SmoothingSystem(nn.Module):
 
     def outputs(self, noisy: torch.Tensor) -> dict[str, torch.Tensor | None]:
         """noisy: (B, C, H, W) -> dict of denoised (B,C,H,W), logits (B,K), pred (B,),
-        head_logits (B,K) or None, reject (B,) bool, label (B,) in {0..K}."""
+        head_logits (B,K) or None, reject (B,) bool, label (B,) in {0..K}, or INVALID where f's
+        logits (or the consulted head's logit) are not finite."""
         with torch.no_grad():
             z = noisy if self.denoiser is None else self.denoiser(noisy)  # (B, C, H, W)
             if self.rejector is None:
@@ -70,6 +74,11 @@ class SmoothingSystem(nn.Module):
             head_logits = self.rejector(z, feats)  # (B, K)
             reject = head_logits.detach().gather(1, pred[:, None]).squeeze(1) > self.threshold
         label = torch.where(reject, torch.full_like(pred, self.num_classes), pred)
+        # argmax of NaN logits is some class: such a draw gets no label (the engine refuses it)
+        finite = torch.isfinite(logits).all(1)
+        if head_logits is not None:
+            finite &= torch.isfinite(head_logits.detach().gather(1, pred[:, None]).squeeze(1))
+        label = torch.where(finite, label, torch.full_like(label, INVALID))
         return dict(denoised=z, logits=logits, pred=pred, head_logits=head_logits, reject=reject,
                     label=label)
 

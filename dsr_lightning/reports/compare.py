@@ -17,6 +17,7 @@ import pandas as pd
 from statsmodels.stats.contingency_tables import mcnemar
 
 from dsr_lightning.errors import ResultsError
+from dsr_lightning.results import network_ids
 
 from .tables import (
     Result,
@@ -156,17 +157,32 @@ def comparison_markdown(cmp: PairedComparison, label_a: str, label_b: str) -> st
         "", significance_sentence(cmp, label_a, label_b), ""])
 
 
-def pair_rejection_with_baseline(results: list[Result]) -> list[tuple[int, int]]:
-    """(i, j) for each rejection-system file i and the denoised file j that pairs with it (same σ,
-    and PAIR_KEYS); the first such j."""
+def baseline_mismatch(rejection: dict, denoised: dict) -> str | None:
+    """Why a denoised file is not the baseline of a rejection file, else None. The baseline is the
+    same classifier and denoiser (their network ids, from the records: a record of an earlier
+    release names none, and pairs with nothing), σ, and the same images and noise (PAIR_KEYS)."""
+    if denoised.get("system") != "denoised":
+        return "system"
+    ids, base = network_ids(rejection), network_ids(denoised)
+    for role in ("classifier", "denoiser"):
+        if not ids.get(role) or ids.get(role) != base.get(role):
+            return role
+    if rejection.get("sigma") != denoised.get("sigma"):
+        return "sigma"
+    return pairing_mismatch(rejection, denoised)
+
+
+def pair_rejection_with_baseline(results: list[Result]) -> list[tuple[int, int | None]]:
+    """(i, j) for each rejection-system file i and the denoised file j that is its baseline
+    (baseline_mismatch: the same f, D, σ, images and noise); among several, one with the same
+    N0, N, α and mode; j is None where the files hold no baseline for i."""
     pairs = []
     for i, r in enumerate(results):
         if r.settings.get("system") != "rejection":
             continue
-        for j, d in enumerate(results):
-            if (d.settings.get("system") == "denoised"
-                    and d.settings.get("sigma") == r.settings.get("sigma")
-                    and pairing_mismatch(r.settings, d.settings) is None):
-                pairs.append((i, j))
-                break
+        found = [j for j, d in enumerate(results)
+                 if baseline_mismatch(r.settings, d.settings) is None]
+        same = [j for j in found if all(results[j].settings.get(k) == r.settings.get(k)
+                                        for k in ("N0", "N", "alpha", "mode"))]
+        pairs.append((i, (same or found or [None])[0]))
     return pairs

@@ -166,7 +166,8 @@ def plot_panels(frame: pd.DataFrame, frames: dict[str, pd.DataFrame], out_png) -
     for ax, (s, sub) in zip(axes, groups):
         xmax = max(_x_max([frames[f] for f in sub["file"]]), 0.5)
         for _, row in sub.iterrows():
-            draw_certified_accuracy(ax, frames[row["file"]], xmax, curve_label(row), lw=1.6,
+            label = curve_label(row) + (f" [{row['detail']}]" if row.get("detail") else "")
+            draw_certified_accuracy(ax, frames[row["file"]], xmax, label, lw=1.6,
                                     ls=styles.get(row["system"], "-."))
         ax.set(xlabel="ℓ2 radius", ylabel="certified accuracy", xlim=(0, xmax), ylim=(0, 1),
                title=f"σ = {s:g}" if s is not None else "σ unknown")
@@ -175,23 +176,40 @@ def plot_panels(frame: pd.DataFrame, frames: dict[str, pd.DataFrame], out_png) -
     return save_figure(fig, out_png, dpi=130)
 
 
-def plot_T_ablation(frame: pd.DataFrame, out_png) -> Path | None:
-    """Certified accuracy against T at each radius, one panel per (σ, denoiser, objective) of the
-    rejection system (Fig. 9); None unless some group has two or more values of T."""
+def t_ablation_groups(frame: pd.DataFrame) -> list[pd.DataFrame]:
+    """The rejection files of a summary frame by `setting` (all but T and the rejector trained for
+    it), those with two or more values of T: the panels of plot_T_ablation."""
     rej = frame[(frame["system"] == "rejection") & frame["T"].notna()]
-    groups = [(k, g) for k, g in rej.groupby(["sigma", "denoiser", "objective"], dropna=False)
-              if g["T"].nunique() > 1]
+    return [g for _, g in rej.groupby("setting", sort=False) if g["T"].nunique() > 1]
+
+
+def plot_T_ablation(frame: pd.DataFrame, out_png) -> Path | None:
+    """Certified accuracy against T at each radius, one panel per setting of the rejection system
+    (Fig. 9): the files of a panel share everything but T and the rejector trained for it (the
+    frame's `setting`: classifier, denoiser, σ, N, bound, data, training options, ...). Files of
+    one setting and one T (the same training, run again) are averaged, and the panel says so.
+    None unless some setting has two or more values of T."""
+    groups = t_ablation_groups(frame)
     if not groups:
         return None
     radii = frame.attrs["radii"]
     fig = Figure(figsize=(4.2 * len(groups), 3.6), layout="constrained")
-    for i, ((s, den, obj), g) in enumerate(groups):
+    for i, g in enumerate(groups):
         ax = fig.add_subplot(1, len(groups), i + 1)
+        runs = int(g.groupby("T").size().max())
+        first = g.iloc[0]
         g = g.groupby("T").mean(numeric_only=True).sort_index()
         for r in radii:
             ax.plot(g.index, g[radius_key(r)], marker="o", label=f"r = {r:g}")
+        title = f"σ = {first['sigma']:g}, {first['denoiser']} ({first['objective']})"
+        differ = [c for c in ("classifier", "bound", "N", "mode")
+                  if len({str(h.iloc[0].get(c)) for h in groups}) > 1]
+        if differ:  # what sets the panels apart beyond σ and D
+            title += "\n" + ", ".join(f"{c}={first.get(c)}" for c in differ)
+        if runs > 1:
+            title += f"\n(mean of up to {runs} runs per T)"
         ax.set(xlabel="T (noise draws per image in training)", ylabel="certified accuracy",
-               ylim=(0, 1), title=f"σ = {s:g}, {den} ({obj})", xticks=list(g.index))
+               ylim=(0, 1), title=title, xticks=list(g.index))
         ax.grid(alpha=0.3)
         ax.legend(fontsize="x-small")
     return save_figure(fig, out_png, dpi=130)

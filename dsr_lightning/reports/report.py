@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dsr_lightning.errors import ResultsError
-from dsr_lightning.results import IDENTITY_KEYS, read_settings, read_table
+from dsr_lightning.results import identity_of, read_settings, read_table
 
 from .compare import compare, comparison_markdown, pair_rejection_with_baseline
 from .per_class import per_class_markdown
@@ -41,18 +41,27 @@ from .tables import (
     check_columns,
     file_label,
     markdown_table,
+    network_name,
     read_result,
     summary_frame,
     table_radii,
 )
 
 _SETTING_KEYS = (("system", "system"), ("sigma", "σ"), ("N0", "N0"), ("N", "N"),
-                 ("alpha", "α"), ("bound", "bound"), ("classifier", "classifier"),
-                 ("denoiser", "denoiser"), ("rejector", "rejector"))
+                 ("alpha", "α"), ("bound", "bound"), ("seed", "seed"))
 
 
 def _settings_line(settings: dict) -> str:
+    """The settings of a file in one line, each network by name and id, with the file it came
+    from (records of earlier releases: the files they name)."""
     parts = [f"{name}={settings[k]}" for k, name in _SETTING_KEYS if settings.get(k) is not None]
+    files = settings.get("files") or {}
+    for role in settings.get("networks") or {}:
+        where = files.get(role)
+        parts.append(f"{role}={network_name(settings, role)}" + (f" ({where})" if where else ""))
+    if not settings.get("networks"):
+        parts += [f"{k}={settings[k]}" for k in ("classifier", "denoiser", "rejector")
+                  if settings.get(k) is not None]
     return ", ".join(parts) or "no settings file"
 
 
@@ -148,10 +157,15 @@ def write_report(paths, out_dir, labels=None, radii=None, folders=(), *, results
     pairs = pair_rejection_with_baseline(results)
     if pairs:
         md += ["## Paired comparison", "",
-               "Each rejection-system file against the denoised baseline certified on the same "
-               "images with the same noise (same σ, seed, split, data and noise scheme), on the "
-               "images both hold.", ""]
+               "Each rejection-system file against its denoised baseline: the same classifier and "
+               "denoiser (by what they compute: their network ids), σ, and the same images with "
+               "the same noise (seed, split, data and noise scheme), on the images both hold.", ""]
         for i, j in pairs:
+            if j is None:
+                md += [f"**{names[i]}**: no baseline among these files (none certifies the same "
+                       "classifier and denoiser at its σ on the same images and noise; `certify.py "
+                       "system=denoised rejector_ckpt=<its checkpoint>` certifies it).", ""]
+                continue
             cmp = compare(results[i], results[j], radii)
             comparisons.append(cmp)
             md += [comparison_markdown(cmp, names[i], names[j])]
@@ -196,16 +210,17 @@ def log_to_wandb(run, paths, out_dir, labels=None, radii=None, folders=(), **kwa
 
 
 def dedupe(results: list[Result]) -> list[Result]:
-    """One file per identity (results.IDENTITY_KEYS of the settings record) and set of images:
-    copies of the same experiment (e.g. a baseline certified by several jobs) are shown once."""
+    """Copies of the same experiment (a baseline certified by several jobs, a copied file) shown
+    once: two files merge only when their identities (results.identity_of) and their rows (but
+    the time column) are the same."""
     seen, out = set(), []
     for r in results:
         if r.settings.get("format", 1) < 2:
             out.append(r)
             continue
-        key = json.dumps({k: r.settings.get(k) for k in IDENTITY_KEYS}, sort_keys=True,
-                         default=str)
-        key += str(sorted(r.frame["idx"].tolist()))
+        rows = r.frame.drop(columns=["time"], errors="ignore").sort_values("idx")
+        key = json.dumps(identity_of(r.settings), sort_keys=True, default=str) \
+            + rows.to_csv(index=False)
         if key not in seen:
             seen.add(key)
             out.append(r)

@@ -18,6 +18,7 @@ certified accuracy (a count of images out of n), and a seeded percentile bootstr
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +29,7 @@ from scipy.stats import bootstrap
 from statsmodels.stats.proportion import proportion_confint
 
 from dsr_lightning.errors import ResultsError
-from dsr_lightning.results import REQUIRED_COLUMNS, read_settings, read_table
+from dsr_lightning.results import REQUIRED_COLUMNS, identity_of, read_settings, read_table
 
 RADIUS_STEP = 0.25  # default table grid, in units of the l2 radius (pixel scale of [0,1] images)
 CONFIDENCE = 0.95  # of every interval in the reports (over the choice of test images)
@@ -198,11 +199,13 @@ def file_label(path) -> str:
 
 
 def describe(settings: dict) -> dict:
-    """σ, T, denoiser, objective, system, bound, mode and N of a results file, from its record."""
+    """σ, T, denoiser, objective, system, bound, mode, N and the classifier (name#id) of a results
+    file, from its record."""
     run = settings.get("run") or {}
     return {"sigma": settings.get("sigma"), "T": run.get("T"), "denoiser": run.get("denoiser"),
             "objective": run.get("objective"), "system": settings.get("system"),
-            "bound": settings.get("bound"), "mode": settings.get("mode"), "N": settings.get("N")}
+            "bound": settings.get("bound"), "mode": settings.get("mode"), "N": settings.get("N"),
+            "classifier": network_name(settings, "classifier") or run.get("classifier")}
 
 
 def display_label(path, settings: dict) -> str:
@@ -232,18 +235,94 @@ def display_label(path, settings: dict) -> str:
     return " ".join(parts)
 
 
+def network_name(settings: dict, role: str) -> str | None:
+    """A network of a record as reports name it: 'dncnn_tiny#1a2b3c' (its recipe's name and the
+    first digits of its id); for a record of an earlier release the first digits of its weights
+    file's hash; None if the record names no such network."""
+    fp = (settings.get("networks") or {}).get(role)
+    if fp:
+        name = (fp.get("recipe") or {}).get("name") or role
+        return f"{name}#{str(fp.get('id'))[:6]}"
+    sha = settings.get(f"{role}_sha256")
+    return f"#{sha[:6]}" if sha else None
+
+
+def _data_name(settings: dict) -> str | None:
+    data = settings.get("data")
+    if not isinstance(data, dict):
+        return None
+    return f"{data.get('name')}#{str(data.get('fingerprint'))[:6]}"
+
+
+# What tells two files apart when their labels coincide, in this order (DISTINCT: name, value)
+DISTINCT = (
+    ("classifier", lambda s: network_name(s, "classifier")),
+    ("denoiser", lambda s: network_name(s, "denoiser")),
+    ("rejector", lambda s: network_name(s, "rejector")),
+    ("threshold", lambda s: s.get("threshold")), ("N0", lambda s: s.get("N0")),
+    ("N", lambda s: s.get("N")), ("α", lambda s: s.get("alpha")),
+    ("bound", lambda s: s.get("bound")), ("seed", lambda s: s.get("seed")),
+    ("split", lambda s: s.get("split")), ("data", _data_name),
+    ("mode", lambda s: s.get("mode")), ("noise", lambda s: s.get("noise")),
+    ("device", lambda s: s.get("device")),
+)
+
+
+def distinctions(paths, settings) -> list[str]:
+    """For each file, what sets it apart from the files whose display_label is the same: the
+    settings (DISTINCT) that differ within that group, else the shortest tail of its path that
+    does, else its position; '' for a file whose label is unique."""
+    paths = [Path(p) for p in paths]
+    base = [display_label(p, s) for p, s in zip(paths, settings)]
+    out = [""] * len(paths)
+    for lab in set(base):
+        group = [i for i, b in enumerate(base) if b == lab]
+        if len(group) < 2:
+            continue
+        # settings every file of the group records, and on which they differ
+        keys = [(n, get) for n, get in DISTINCT
+                if all(get(settings[i]) is not None for i in group)
+                and len({str(get(settings[i])) for i in group}) > 1]
+        for i in group:
+            out[i] = ", ".join(f"{n}={get(settings[i])}" for n, get in keys)
+        for sub in _same(out, group):  # still alike: the path, from its end
+            tails = [(*paths[i].parent.parts, file_label(paths[i])) for i in sub]
+            depth = next((d for d in range(1, max(map(len, tails)) + 1)
+                          if len({t[-d:] for t in tails}) == len(sub)), None)
+            for k, (i, tail) in enumerate(zip(sub, tails)):
+                where = "/".join(tail[-depth:]) if depth else f"#{k + 1}"
+                out[i] = f"{out[i]}, {where}" if out[i] else where
+    return out
+
+
+def _same(values: list[str], group: list[int]) -> list[list[int]]:
+    """The subgroups of `group` whose values coincide (size >= 2)."""
+    by: dict[str, list[int]] = {}
+    for i in group:
+        by.setdefault(values[i], []).append(i)
+    return [g for g in by.values() if len(g) > 1]
+
+
 def resolve_labels(paths, settings, labels=None) -> list[str]:
-    """The given labels (one per file), else `display_label` of each, made unique by file name
-    (then by folder)."""
+    """The given labels (one per file), else `display_label` of each, with what sets it apart
+    (`distinctions`) where two would read alike."""
     if labels is not None:
         if len(labels) != len(paths):
             raise ValueError(f"{len(labels)} labels for {len(paths)} files")
         return [str(lab) for lab in labels]
-    out = [display_label(p, s) for p, s in zip(paths, settings)]
-    # two runs with the same settings: tell them apart by file, then by folder
-    out = [f"{lab} [{file_label(p)}]" if out.count(lab) > 1 else lab for p, lab in zip(paths, out)]
-    return [f"{lab} [{Path(p).parent.name}/{file_label(p)}]" if out.count(lab) > 1 else lab
-            for p, lab in zip(paths, out)]
+    return [f"{display_label(p, s)} [{d}]" if d else display_label(p, s)
+            for p, s, d in zip(paths, settings, distinctions(paths, settings))]
+
+
+def setting_key(settings: dict, vary: str = "T") -> str:
+    """What a file shares with the others of its curve when `vary` (a key of the record's `run`,
+    T) is swept: its identity but the rejector (retrained for each T) and its threshold (chosen
+    for each), and how the rejector was trained but `vary`. Files with one key and another `vary`
+    are points of one curve."""
+    run = {k: v for k, v in (settings.get("run") or {}).items()
+           if k not in (vary, "threshold_choice", "wandb")}
+    ident = identity_of(settings, drop=("networks.rejector", "threshold", "rejector_sha256"))
+    return json.dumps({"identity": ident, "run": run}, sort_keys=True, default=str)
 
 
 # -- the summary frame and its tables -----------------------------------------------------------
@@ -277,8 +356,10 @@ def summary_frame(paths, radii=None, labels=None, frames=None, settings=None) ->
     radii = table_radii(frames, radii)
     rows = []
     names = resolve_labels(paths, settings, labels)
-    for path, df, st, lab in zip(paths, frames, settings, names):
-        row = {"label": lab, "file": str(path), "images": len(df)}
+    details = distinctions(paths, settings)
+    for path, df, st, lab, detail in zip(paths, frames, settings, names, details):
+        row = {"label": lab, "file": str(path), "images": len(df), "detail": detail,
+               "setting": setting_key(st)}
         k = certified_counts(df, radii) if len(df) else np.full(radii.shape, np.nan)
         lo, hi = clopper_pearson(k, len(df))
         for r, a, a_lo, a_hi in zip(radii, certified_accuracy(df, radii), lo, hi):
@@ -346,12 +427,20 @@ def markdown_table(frame: pd.DataFrame, grouped: bool = False) -> str:
     """Markdown of a `summary_frame`: certified accuracy (%) at each radius with its 95 %
     interval, ACR with its interval, images, abstain %, and reject % when some file rejected
     draws. `grouped`: the table by setting (rows ordered by σ, denoiser, objective, system, T, and
-    those five columns instead of the label)."""
+    those five columns instead of the label; where two rows would read alike there, a column
+    `which` says what sets each apart)."""
     radii = frame.attrs["radii"]
     with_reject = bool((frame["reject"].fillna(0) > 0).any())
+    which = False
     if grouped:
         frame = by_setting(frame)
         first = [_SETTING_HEAD[c] for c in SETTING_COLUMNS]
+        # rows whose setting cells coincide (another classifier, N, bound...) get a column more
+        keys = [tuple(_setting_cell(row.get(c)) for c in SETTING_COLUMNS)
+                for _, row in frame.iterrows()]
+        alike = {k for k in keys if keys.count(k) > 1}
+        which = bool(alike)
+        first += ["which"] * which
     else:
         first = ["system"]
     head = [*first, *(f"r={r:g}" for r in radii), "ACR", "images", "abstain %"]
@@ -361,6 +450,10 @@ def markdown_table(frame: pd.DataFrame, grouped: bool = False) -> str:
     for _, row in frame.iterrows():
         cells = ([_setting_cell(row.get(c)) for c in SETTING_COLUMNS] if grouped
                  else [row["label"].replace("|", "\\|")])
+        if which:
+            key = tuple(cells[:len(SETTING_COLUMNS)])
+            cells.append((row.get("detail") or row["label"]).replace("|", "\\|")
+                         if key in alike else "")
         cells += [*(accuracy_cell(row, r) for r in radii), acr_cell(row), str(row["images"]),
                   _pct(row["abstain"])]
         cells += [_pct(row["reject"])] * with_reject

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from dsr_lightning.errors import NetworkError
+
 from .certificates import CertifyDetails, certify_details, predict_counts
 from .checks import check_alpha, check_bound, check_positive, check_positive_int
 
@@ -180,7 +182,9 @@ def sample_counts(base: Base, x: torch.Tensor, n: int | Sequence[int], sigma: fl
     if noise is not None and len(noise) != B:
         raise ValueError(f"noise has {len(noise)} streams for {B} images")
     ends = torch.tensor(np.cumsum(stages)[:-1], device=dev)  # stage boundaries in an image's draws
-    counts = torch.zeros(B * S * L, dtype=torch.long, device=dev)
+    # one cell per (image, stage, label), and a last one counting outputs that are no label
+    # (SmoothingSystem gives INVALID for non-finite logits): checked at the one sync below
+    counts = torch.zeros(B * S * L + 1, dtype=torch.long, device=dev)
     shape = tuple(x.shape[1:])
     with torch.inference_mode():
         for start in range(0, B * per, batch_size):
@@ -200,13 +204,21 @@ def sample_counts(base: Base, x: torch.Tensor, n: int | Sequence[int], sigma: fl
                 eps = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
             noisy = eps.mul(sigma).add_(x[img])  # (b, *shape)
             labels = base(noisy).long()  # (b,) in {0..K}
+            cell = torch.where((labels >= 0) & (labels < L), (img * S + stage) * L + labels,
+                               B * S * L)  # (b,)
             # scatter_add_ (not bincount, which syncs on CUDA to size its output)
-            counts.scatter_add_(0, (img * S + stage) * L + labels, torch.ones_like(labels))
+            counts.scatter_add_(0, cell, torch.ones_like(labels))
     if noise is not None:
         noise.pos += per
-    counts = counts.view(B, S, L).cpu()  # the one host sync
-    if (counts.sum(-1) != torch.tensor(stages)).any():
-        raise RuntimeError(f"base returned labels outside 0..{L - 1} (reject = {L - 1})")
+    counts = counts.cpu()  # the one host sync
+    if invalid := int(counts[-1]):
+        raise NetworkError(
+            f"the base classifier gave {invalid} of {B * per} noisy samples no label in 0..{L - 1}"
+            f" (reject = {L - 1}): non-finite logits (NaN or Inf) of the classifier or the "
+            "rejector on noisy inputs, or a base returning other values. Certificates would count "
+            "them as some class: check the networks on noisy inputs (and bf16=false if it "
+            "overflows there)")
+    counts = counts[:-1].view(B, S, L)
     return counts[:, 0] if single else counts
 
 

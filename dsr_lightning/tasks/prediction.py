@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from dsr_lightning.errors import ConfigError
-from dsr_lightning.results import COLUMNS, ResultsFile
+from dsr_lightning.results import COLUMNS, SPEC_KEYS, ResultsFile
 from dsr_lightning.smoothing import (
     ABSTAIN,
     ImageNoise,
@@ -73,6 +73,14 @@ class CertificationSpec:
     @property
     def columns(self) -> list[str]:
         return COLUMNS[self.mode]
+
+    def record(self) -> dict:
+        """The settings record's part of this spec: results.SPEC_KEYS that the mode has (identity:
+        they change the numbers; a record lacks those of other modes, read as None), then skip,
+        max and batch (which images, and how fast)."""
+        values = {k: list(v) if isinstance(v, tuple) else v
+                  for k in SPEC_KEYS if (v := getattr(self, k)) is not None and v != ()}
+        return {**values, "skip": self.skip, "max": self.max, "batch": self.batch}
 
     @property
     def draws_per_image(self) -> tuple[int, str]:
@@ -340,11 +348,13 @@ class RowWriter(BasePredictionWriter):
     def __init__(self, results: ResultsFile, verbose: bool = True):
         super().__init__(write_interval="batch")
         self.results, self.verbose = results, verbose
+        self._part = None  # this rank's shard (multi-device runs), opened with its record
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx,
                            dataloader_idx=0):
-        path = None if trainer.world_size == 1 else self.results.part(trainer.global_rank)
-        self.results.append(prediction, path)
+        if trainer.world_size > 1 and self._part is None:
+            self._part = self.results.open_part(trainer.global_rank)
+        self.results.append(prediction, self._part)
         if self.verbose:
             for r in prediction:
                 rad = f" radius {r['radius']:.3f}" if "radius" in r else ""
