@@ -13,7 +13,9 @@ class CheckpointError(ValueError):
 
 
 class DataError(ValueError):
-    """A data set file that is missing, unreadable or malformed; the message names the file."""
+    """A data set file that is missing, unreadable or malformed, or images and labels that cannot
+    be certified or trained on (non-finite, outside [0, 1], of the wrong shape); the message names
+    the file or the argument."""
 
 
 class NetworkError(ValueError):

@@ -11,7 +11,6 @@ their values are checked by the classes they instantiate.
 
 from __future__ import annotations
 
-import math
 import numbers
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,7 +22,11 @@ from dsr_lightning.data.base import SPLITS
 from dsr_lightning.errors import ConfigError
 from dsr_lightning.models.checkpoint import SOURCES
 from dsr_lightning.models.system import SYSTEMS
-from dsr_lightning.smoothing.checks import BOUNDS, check_alpha
+from dsr_lightning.smoothing.checks import BOUNDS, draws_setting, sigma_setting, threshold_setting
+from dsr_lightning.smoothing.checks import alpha_setting as _alpha
+from dsr_lightning.smoothing.checks import choice_setting as _choice
+from dsr_lightning.smoothing.checks import int_setting as _int
+from dsr_lightning.smoothing.checks import real_setting as _real
 from dsr_lightning.smoothing.staged import check_stages
 from dsr_lightning.smoothing.threshold import OBJECTIVES as SELECTION_OBJECTIVES
 from dsr_lightning.tasks.base import CLIP_ALGORITHMS
@@ -218,29 +221,8 @@ def register() -> None:
 
 
 # --- ranges and choices -----------------------------------------------------------------------
-
-def _real(key: str, value, *, low: float | None = None, strict: bool = True, what: str = "") -> float:
-    ok = (not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
-          and (low is None or (value > low if strict else value >= low)))
-    if not ok:
-        bound = "" if low is None else f" {'>' if strict else '>='} {low:g}"
-        raise ConfigError(f"{key}={value}: must be a finite number{bound}{what}")
-    return float(value)
-
-
-def _int(key: str, value, low: int = 1, what: str = "") -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
-        raise ConfigError(f"{key}={value}: must be an integer >= {low}{what}")
-    return int(value)
-
-
-def _choice(key: str, value, choices) -> str:
-    if value not in choices:
-        raise ConfigError(f"{key}={value!r}: choose one of {', '.join(choices)}")
-    return value
-
-
-SIGMA_UNITS = " (the Gaussian noise std, in pixel units of [0,1] images)"
+# The rules a key shares with an argument of the Python API (sigma, N0/N, alpha, the threshold, and
+# the generic number/integer/choice rules) are written once, in smoothing.checks (`*_setting`).
 
 
 def check_optim(optim: DictConfig) -> None:
@@ -281,18 +263,10 @@ def check_rejector(rej: DictConfig) -> None:
         _alpha("rejector.selection.alpha", sel.alpha)
 
 
-def _alpha(key: str, value) -> float:
-    try:
-        return check_alpha(value, key)
-    except ValueError:
-        raise ConfigError(f"{key}={value}: must be a number in (0, 1) (the failure probability "
-                          "of each certificate, e.g. 0.01)") from None
-
-
 def check_certify_settings(c, prefix: str = "") -> None:
     """The certification numbers (certify.py's top level, or train.py's `certify` node)."""
     _alpha(f"{prefix}alpha", c.alpha)
-    n0, n = _int(f"{prefix}N0", c.N0), _int(f"{prefix}N", c.N)
+    _, n = draws_setting(c.N0, c.N, prefix)
     for k in ("images_per_step", "skip"):
         _int(f"{prefix}{k}", c[k])
     if c.batch != "auto":
@@ -301,9 +275,6 @@ def check_certify_settings(c, prefix: str = "") -> None:
     if isinstance(c.max, bool) or not isinstance(c.max, numbers.Integral) or c.max < -1:
         raise ConfigError(f"{prefix}max={c.max}: must be an integer >= 0 (stop before this index) "
                           "or -1 (the whole split)")
-    if n0 > n:
-        raise ConfigError(f"{prefix}N0={n0} > {prefix}N={n}: the selection draws N0 should be a small "
-                          "fraction of the estimation draws N (e.g. N0=100, N=10000)")
     _choice(f"{prefix}mode", c.mode, MODES)
     _choice(f"{prefix}split", c.split, SPLITS)
     if c.bound is not None:
@@ -382,7 +353,7 @@ def check_train(cfg: DictConfig) -> None:
     stage = _choice("stage", cfg.stage.name, STAGES)
     check_networks(cfg)
     # the classifier stage has no use for sigma (classifier.noise_sd is its noise)
-    _real("sigma", cfg.sigma, low=0, strict=stage != "classifier", what=SIGMA_UNITS)
+    sigma_setting("sigma", cfg.sigma, strict=stage != "classifier")
     _int("T", cfg.T, what=" (noisy copies per image per step)")
     _int("seed", cfg.seed, low=0)
     _real("classifier.noise_sd", cfg.classifier.noise_sd, low=0, strict=False,
@@ -412,14 +383,11 @@ def check_certify(cfg: DictConfig) -> None:
     """Ranges and choices of a composed certify.py config; raises one ConfigError naming the key."""
     _choice("system", cfg.system.name, SYSTEMS)
     check_networks(cfg)
-    _real("sigma", cfg.sigma, low=0, what=SIGMA_UNITS)
+    sigma_setting("sigma", cfg.sigma)
     _int("seed", cfg.seed, low=0)
     check_certify_settings(cfg)
     if cfg.get("threshold") is not None:
-        t = cfg.threshold
-        if isinstance(t, bool) or not isinstance(t, numbers.Real) or math.isnan(t):
-            raise ConfigError(f"threshold={t}: must be a number (a logit: reject iff the head's "
-                              "logit > it; inf: never reject)")
+        t = threshold_setting("threshold", cfg.threshold)
         if cfg.system.name != "rejection":
             raise ConfigError(f"threshold={t}: only system=rejection has a rejector threshold; "
                               f"drop it for system={cfg.system.name}")

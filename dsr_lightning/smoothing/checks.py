@@ -1,6 +1,10 @@
-"""Argument checks shared by the smoothing statistics, the engine and the certify entry point.
+"""Argument checks shared by the smoothing statistics, the engine and the entry points.
 
-Each raises ValueError naming the argument and saying why, and returns the cleaned value.
+`check_*` raise ValueError naming the argument and saying why (the engine's own arguments).
+`*_setting` are the range rules of the settings a user gives, written once for certify.py and
+train.py (config/schema.py) and the Python API (api.py): each raises one ConfigError
+`key=value: must be ...` naming the key (a config key or an API argument). All return the cleaned
+value.
 """
 from __future__ import annotations
 
@@ -9,7 +13,10 @@ import numbers
 
 import numpy as np
 
+from dsr_lightning.errors import ConfigError
+
 BOUNDS = ("paper", "runner_up", "cohen")
+SIGMA_UNITS = " (the Gaussian noise std, in pixel units of [0,1] images)"
 
 
 def check_alpha(alpha, name: str = "alpha") -> float:
@@ -64,3 +71,61 @@ def check_counts(counts, c_hat=None) -> tuple[np.ndarray, np.ndarray | None]:
     if ((c_hat < 0) | (c_hat >= K)).any():
         raise ValueError(f"c_hat must be a real class in 0..{K - 1} (never the reject column {K})")
     return counts, c_hat.astype(np.int64)
+
+
+# --- settings (config keys and API arguments): one ConfigError naming the key --------------------
+
+def real_setting(key: str, value, *, low: float | None = None, strict: bool = True,
+                 what: str = "") -> float:
+    """A finite real number (bool refused), > low (>= low unless strict) when low is given."""
+    ok = (not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
+          and (low is None or (value > low if strict else value >= low)))
+    if not ok:
+        bound = "" if low is None else f" {'>' if strict else '>='} {low:g}"
+        raise ConfigError(f"{key}={value}: must be a finite number{bound}{what}")
+    return float(value)
+
+
+def int_setting(key: str, value, low: int = 1, what: str = "") -> int:
+    """An integer >= low (bool and whole floats refused: 100.0 is a typo, not a count)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise ConfigError(f"{key}={value}: must be an integer >= {low}{what}")
+    return int(value)
+
+
+def choice_setting(key: str, value, choices) -> str:
+    if value not in choices:
+        raise ConfigError(f"{key}={value!r}: choose one of {', '.join(choices)}")
+    return value
+
+
+def sigma_setting(key: str, value, strict: bool = True) -> float:
+    """σ: finite and > 0 (>= 0 unless strict), in pixel units of [0,1] images."""
+    return real_setting(key, value, low=0, strict=strict, what=SIGMA_UNITS)
+
+
+def alpha_setting(key: str, value) -> float:
+    try:
+        return check_alpha(value, key)
+    except ValueError:
+        raise ConfigError(f"{key}={value}: must be a number in (0, 1) (the failure probability "
+                          "of each certificate, e.g. 0.01)") from None
+
+
+def threshold_setting(key: str, value) -> float:
+    """The decision threshold f_R certifies with (a logit: reject iff the head's logit > it): any
+    real number but NaN (f_R would silently become another system); +inf never rejects, −inf
+    rejects every draw (every certificate then abstains)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value):
+        raise ConfigError(f"{key}={value}: must be a number (a logit: reject iff the head's "
+                          "logit > it; inf: never reject)")
+    return float(value)
+
+
+def draws_setting(n0, n, prefix: str = "") -> tuple[int, int]:
+    """N0 selection and N estimation draws: integers >= 1, N0 <= N."""
+    n0, n = int_setting(f"{prefix}N0", n0), int_setting(f"{prefix}N", n)
+    if n0 > n:
+        raise ConfigError(f"{prefix}N0={n0} > {prefix}N={n}: the selection draws N0 should be a "
+                          "small fraction of the estimation draws N (e.g. N0=100, N=10000)")
+    return n0, n

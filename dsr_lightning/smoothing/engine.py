@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from dsr_lightning.errors import NetworkError
+from dsr_lightning.errors import DataError, NetworkError
 
 from .certificates import CertifyDetails, certify_details, predict_counts
 from .checks import check_alpha, check_bound, check_positive, check_positive_int
@@ -135,22 +135,26 @@ class ImageNoise:
         return out[0] if len(out) == 1 else torch.cat(out)
 
 
-def check_images(x: torch.Tensor, allow_out_of_range: bool = False) -> None:
+def check_images(x: torch.Tensor, allow_out_of_range: bool = False, name: str = "x",
+                 escape: str | None = "allow_out_of_range=True") -> None:
     """x must be finite, and in [0, 1] unless allowed: σ and the radii are in pixel units of
-    [0,1] images, so 0..255 images would get meaningless certificates. One host sync."""
+    [0,1] images, so 0..255 images would get meaningless certificates. One DataError naming the
+    images `name` (and `escape`, the setting that allows other ranges, where there is one). One
+    host sync."""
     if not torch.is_tensor(x) or not x.is_floating_point() or x.ndim < 1:
-        raise ValueError("x must be a floating point tensor (B, *shape)")
+        raise DataError(f"{name} must be a floating point tensor (B, *shape)")
     if not x.numel():
         return
     stats = torch.stack([torch.isfinite(x).all().to(x.dtype), x.amin(), x.amax()]).tolist()
     if not stats[0]:
         bad = (~torch.isfinite(x.reshape(len(x), -1))).any(1).nonzero().flatten().tolist()
-        raise ValueError(f"x holds NaN or Inf values (images at positions {bad[:10]} of the "
-                         "batch): refusing to certify them")
+        raise DataError(f"{name} holds NaN or Inf values (images at positions {bad[:10]} of the "
+                        "batch): drop or repair them")
     if not allow_out_of_range and (stats[1] < 0 or stats[2] > 1):
-        raise ValueError(f"x has values in [{stats[1]:.4g}, {stats[2]:.4g}], outside [0, 1]: sigma "
-                         "and the radii are in pixel units of [0,1] images (divide 0..255 images by "
-                         "255), or allow other ranges explicitly (allow_out_of_range=True)")
+        allow = f", or allow other ranges explicitly ({escape})" if escape else ""
+        raise DataError(f"{name} has values in [{stats[1]:.4g}, {stats[2]:.4g}], outside [0, 1]: "
+                        "sigma and the radii are in pixel units of [0,1] images (divide 0..255 "
+                        f"images by 255){allow}")
 
 
 def sample_counts(base: Base, x: torch.Tensor, n: int | Sequence[int], sigma: float,
