@@ -28,6 +28,8 @@ def run_job(fn: Callable[[DictConfig], dict], cfg: DictConfig,
             report: Callable[[dict], None]) -> float | None:
     """fn(cfg), then report(result) on the main process; returns the job's objective (what a
     Hydra sweeper optimises). Errors: see the module docstring."""
+    from hydra.errors import InstantiationException
+
     from dsr_lightning.errors import USER_ERRORS, Interrupted
     from dsr_lightning.jobs import sweeps
     from dsr_lightning.jobs.console import quiet_third_party
@@ -38,7 +40,12 @@ def run_job(fn: Callable[[DictConfig], dict], cfg: DictConfig,
     if multirun:
         sweeps.start_job()
     try:
-        result = fn(cfg)
+        try:
+            result = fn(cfg)
+        except InstantiationException as e:  # a data module's own error, raised as Hydra built it
+            if isinstance(e.__cause__, USER_ERRORS):
+                raise e.__cause__ from None
+            raise
     except Interrupted as e:  # the whole sweep stops too: the cluster wants the machine back
         print(f"stopped: {e}", file=sys.stderr, flush=True)
         sys.exit(e.exit_code)

@@ -30,6 +30,7 @@ from dsr_lightning.data import (
     SyntheticDataModule,
     TransformedSubset,
 )
+from dsr_lightning.data.base import path_tag
 from dsr_lightning.errors import ConfigError
 
 CLASSES = ["cat", "dog", "eel"]
@@ -61,7 +62,8 @@ def _folder_tree(root, per_class=None, classes=CLASSES, size=(40, 30)):
 def test_imagefolder_shapes_classes_and_splits(tmp_path, size):
     root = _folder_tree(tmp_path / "pets")
     dm = ImageFolderDataModule(root=str(root), image_size=size, val_fraction=0.25, batch_size=5)
-    assert dm.name == "pets" and dm.mean is None and dm.std is None
+    assert dm.name == f"{path_tag(root)}_{size}px" and dm.name.startswith("pets-")
+    assert dm.mean is None and dm.std is None
     assert dm.class_names == CLASSES and dm.num_classes == 3
     assert dm.resize == round(size * 256 / 224)
     assert dm.image_shape("test") == (3, size, size) == dm.image_shape("train")
@@ -161,7 +163,7 @@ def _npz(tmp_path, name="gray", **over):
 def test_npz_grayscale_five_classes(tmp_path):
     path, arrays = _npz(tmp_path)
     dm = NpzDataModule(path=str(path), val_fraction=0.2, batch_size=4)
-    assert dm.name == "gray" and dm.mean is None
+    assert dm.name == path_tag(path, stem=True) and dm.name.startswith("gray-") and dm.mean is None
     assert dm.num_classes == 5 and dm.class_names == [f"class{k}" for k in range(5)]
     assert dm.image_shape() == (1, 20, 20)
     assert (len(dm.dataset("train")), len(dm.dataset("val")), len(dm.dataset("test"))) == (24, 6, 7)
@@ -286,8 +288,9 @@ def test_yamls_compose_and_instantiate(tiny_cfg, tmp_path):
     path, _ = _npz(tmp_path)
     inet = _imagenet(tmp_path / "inet")
     for opts, want in ((["data=imagefolder", f"data.root={root}", "data.image_size=32"],
-                        (ImageFolderDataModule, "pets_32px", (3, 32, 32))),
-                       (["data=npz", f"data.path={path}"], (NpzDataModule, "gray", (1, 20, 20))),
+                        (ImageFolderDataModule, f"{path_tag(root)}_32px", (3, 32, 32))),
+                       (["data=npz", f"data.path={path}"],
+                        (NpzDataModule, path_tag(path, stem=True), (1, 20, 20))),
                        (["data=imagenet", f"data.root={inet}"],
                         (ImageNetDataModule, "imagenet", (3, 224, 224)))):
         cfg = tiny_cfg(*opts, "sigma=0.5", experiment=None)

@@ -15,6 +15,7 @@ import torchvision
 from helpers import compose_tiny, make_image_folder
 from hydra.core.hydra_config import HydraConfig
 
+from dsr_lightning.data.base import path_tag
 from dsr_lightning.errors import CheckpointError, ConfigError
 from dsr_lightning.jobs import networks
 from dsr_lightning.jobs.networks import DataFacts
@@ -137,7 +138,8 @@ def test_a_users_folder_and_torchvision_f_train_certify_and_certify_again_from_t
             f"pretrained_root={tmp_path / 'pretrained'}"]
     try:
         den = train(compose_tiny(tmp_path / "den", ["stage=denoiser", *data]))
-        assert "/trained_denoisers/folder_16px/" in den["export"]  # the data set's name, not cifar10
+        # the data set's name (the folder's, with its path's hash), not cifar10
+        assert f"/trained_denoisers/{path_tag(own.folder)}_16px/" in den["export"]
         cfg = compose_tiny(tmp_path / "rej", [
             *data, "classifier=torchvision", "classifier.model=resnet18",
             "classifier.num_classes=3", f"classifier.path={own.state}", "certify=quick",

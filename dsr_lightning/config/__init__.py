@@ -10,6 +10,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from dsr_lightning.config import schema
+from dsr_lightning.data.base import path_tag
 
 CONFIG_MODULE = "dsr_lightning.conf"
 CONFIG_PATH = f"pkg://{CONFIG_MODULE}"
@@ -53,6 +54,14 @@ def safe_name(text: str, limit: int = 160) -> str:
 def basename(path) -> str:
     """`${basename:${data.root}}`: a folder's (or file's) name, for names of runs and exports."""
     return Path(str(path)).name if path else "none"
+
+
+def data_tag(path, stem: bool = False) -> str:
+    """`${data_tag:${data.root}}` (`${data_tag:${data.path},true}`: a file's stem): the name of a
+    data folder (file) with a short hash of its absolute real path, `pets-1a2b3c4d`, for the
+    names of exports and runs: two folders `pets` in different places get different names, one
+    folder the same name from any working directory (data.base.path_tag)."""
+    return path_tag(path, stem=bool(stem))
 
 
 def stem(path) -> str:
@@ -119,7 +128,7 @@ def unique_name(base: str) -> str:
 
 
 for _name, _fn in (("fmt2", fmt2), ("first", first), ("tag", tag), ("safe_name", safe_name),
-                   ("basename", basename), ("stem", stem), ("leaf", leaf),
+                   ("basename", basename), ("data_tag", data_tag), ("stem", stem), ("leaf", leaf),
                    ("run_dir", run_dir), ("record_dir", record_dir),
                    ("sweep_group", sweep_group), ("unique_name", unique_name)):
     if not OmegaConf.has_resolver(_name):

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import II, MISSING, DictConfig
+from omegaconf import II, MISSING, DictConfig, OmegaConf
 
 from dsr_lightning.data.base import SPLITS
 from dsr_lightning.errors import ConfigError
@@ -348,9 +348,27 @@ def check_networks(cfg: DictConfig) -> None:
             raise ConfigError(f"classifier.std={list(node.std)}: every value must be > 0")
 
 
+def check_data(data: DictConfig) -> None:
+    """Every mandatory key of the data node (`???` in conf/data/*.yaml: data.root, data.path) is
+    set; else one ConfigError naming the key and what to give (the data module's NEEDS), before
+    anything reads it (OmegaConf's own error would be a traceback)."""
+    for key in data:
+        if OmegaConf.is_missing(data, key):
+            target = str(data.get("_target_", "the data module"))
+            try:
+                from hydra.utils import get_class
+
+                hint = get_class(target).NEEDS[key]
+            except Exception:  # noqa: BLE001 - a class of the user's, or no hint: say it plainly
+                hint = "value"
+            raise ConfigError(f"data.{key} is not set: pass data.{key}=<{hint}> "
+                              f"({target.rsplit('.', 1)[-1]} has no default for it)")
+
+
 def check_train(cfg: DictConfig) -> None:
     """Ranges and choices of a composed train.py config; raises one ConfigError naming the key."""
     stage = _choice("stage", cfg.stage.name, STAGES)
+    check_data(cfg.data)
     check_networks(cfg)
     # the classifier stage has no use for sigma (classifier.noise_sd is its noise)
     sigma_setting("sigma", cfg.sigma, strict=stage != "classifier")
@@ -382,6 +400,7 @@ def check_train(cfg: DictConfig) -> None:
 def check_certify(cfg: DictConfig) -> None:
     """Ranges and choices of a composed certify.py config; raises one ConfigError naming the key."""
     _choice("system", cfg.system.name, SYSTEMS)
+    check_data(cfg.data)
     check_networks(cfg)
     sigma_setting("sigma", cfg.sigma)
     _int("seed", cfg.seed, low=0)

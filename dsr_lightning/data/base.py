@@ -4,8 +4,10 @@ streaming content fingerprint of a split."""
 from __future__ import annotations
 
 import hashlib
+import inspect
 import os
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -120,6 +122,31 @@ def _hash_files(h, source: DatasetFolder, indices: torch.Tensor | None) -> None:
         h.update(f"\0{int(label)}\n".encode())
 
 
+def path_tag(path, stem: bool = False) -> str:
+    """`<name>-<8 hex digits>`: a folder's name (a file's stem with `stem`) and a hash of its
+    absolute real path (relative paths against the current folder, links resolved), so two data
+    sets of one name in different places never share the paths named after them (exports, runs)
+    and one place has one tag from any working directory. 'none' for no path."""
+    if path is None or str(path) == "":
+        return "none"
+    real = os.path.realpath(os.path.expanduser(str(path)))
+    p = Path(real)
+    return f"{p.stem if stem else p.name}-{hashlib.sha256(real.encode()).hexdigest()[:8]}"
+
+
+def _settings(cls: type) -> list[str]:
+    """The keyword settings a data module class takes: its constructors' named parameters along
+    the MRO, down to SmoothingDataModule's (each passes the rest on as **common)."""
+    keys = []
+    for c in cls.__mro__:
+        if "__init__" in c.__dict__:
+            keys += [n for n, p in inspect.signature(c.__init__).parameters.items()
+                     if n != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+        if c is SmoothingDataModule:
+            break
+    return sorted(set(keys))
+
+
 def _stats(key: str, value: Sequence[float] | None) -> tuple[float, ...] | None:
     if value is None:
         return None
@@ -158,6 +185,7 @@ class SmoothingDataModule(pl.LightningDataModule):
     """
 
     DEFAULT_NAME: str = ""
+    NEEDS: dict[str, str] = {}  # setting -> what to give, for the ones without a default
     DEFAULT_MEAN: tuple[float, ...] | None = None
     DEFAULT_STD: tuple[float, ...] | None = None
     num_classes: int
@@ -168,8 +196,16 @@ class SmoothingDataModule(pl.LightningDataModule):
     def __init__(self, batch_size: int = 128, num_workers: int = 0, sigma: float = 0.0,
                  T: int = 1, val_fraction: float = 0.1, seed: int = 0, pin_memory: bool = False,
                  name: str | None = None, mean: Sequence[float] | None = None,
-                 std: Sequence[float] | None = None):
+                 std: Sequence[float] | None = None, **unknown):
         super().__init__()
+        if unknown:  # keys the config sets that this module does not take (e.g. an experiment's)
+            given = ", ".join(f"data.{k}={v!r}" for k, v in unknown.items())
+            drop = " ".join(f"~data.{k}" for k in unknown)
+            raise ConfigError(
+                f"{given} {'is not a setting' if len(unknown) == 1 else 'are not settings'} of "
+                f"{type(self).__name__} (its settings: {', '.join(_settings(type(self)))}). Drop "
+                f"it; if an experiment sets it (experiment=tiny sets data.image_size), add {drop} "
+                "to the command line")
         if sigma < 0 or T < 1:
             raise ValueError(f"need sigma >= 0 and T >= 1, got sigma={sigma}, T={T}")
         if not 0.0 <= val_fraction < 1.0:
@@ -210,12 +246,18 @@ class SmoothingDataModule(pl.LightningDataModule):
     def _num_val(self, n: int) -> int:
         return round(self.val_fraction * n)
 
+    def _where(self, split: str) -> str:
+        """Where the split's images are (a folder, a file's arrays), for messages."""
+        return f"{type(self).__name__}, split {split}"
+
     def setup(self, stage: str | None = None) -> None:
         """Build the splits `stage` needs (all when None); idempotent.
 
         val = the data set's own validation split if it has one (`_val_source`), else a fixed
         held-out subset of the training split chosen by `seed` (no augmentation in either);
-        test = the official test split in order (index i = test index i).
+        test = the official test split in order (index i = test index i). For "fit" (and None)
+        the training split must hold images: else one DataError naming where it was read, before
+        any training (val and test alone, e.g. to certify them, need none).
         """
         if stage in (None, "fit", "validate") and self.train_set is None:
             src = self._train_source()
@@ -230,6 +272,13 @@ class SmoothingDataModule(pl.LightningDataModule):
                                                  self.eval_transform)
                 self.train_set = TransformedSubset(src, perm[n_val:].sort().values,
                                                    self.train_transform)
+        if stage in (None, "fit") and len(self.train_set) == 0:
+            n = len(self.train_set.source)
+            held = (f"; data.val_fraction={self.val_fraction} holds all {n} out for validation"
+                    if n else "")
+            raise DataError(f"split=train of data {self.name!r} holds no images "
+                            f"({self._where('train')}{held}): nothing to train on. Add images "
+                            + ("or lower data.val_fraction" if n else "there (or choose other data)"))
         if stage in (None, "test", "predict") and self.test_set is None:
             self.test_set = TransformedSubset(self._test_source(), None, self.eval_transform)
 
@@ -239,7 +288,7 @@ class SmoothingDataModule(pl.LightningDataModule):
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         if getattr(self, f"{split}_set") is None:
             self.prepare_data()
-            self.setup("test" if split == "test" else "fit")
+            self.setup({"test": "test", "train": "fit"}.get(split, "validate"))
         return getattr(self, f"{split}_set")
 
     def image_shape(self, split: str = "test") -> tuple[int, int, int]:
@@ -250,6 +299,37 @@ class SmoothingDataModule(pl.LightningDataModule):
                             "shape is unknown")
         c, h, w = ds[0][0].shape
         return int(c), int(h), int(w)
+
+    def check_decodable(self, split: str, indices: Sequence[int] | None = None) -> None:
+        """Every image `indices` (all if None) of `split` takes decodes, else ONE DataError listing
+        every file that does not (the first few, and the count). For sources that decode files
+        lazily (image folders): a job that writes as it goes (certification) checks up front, so
+        a bad file is replaced before any row is written, not found halfway (when replacing it
+        would change the data set and the started file could not be resumed). A no-op for
+        in-memory sources. Decodes in a few threads (Pillow releases the GIL while decoding)."""
+        ds = self.dataset(split)
+        src, sub = (ds.source, ds.indices) if isinstance(ds, TransformedSubset) else (ds, None)
+        if not isinstance(src, DatasetFolder):
+            return
+        order = range(len(ds)) if indices is None else indices
+        paths = [src.samples[int(i) if sub is None else int(sub[int(i)])][0] for i in order]
+
+        def bad(path: str) -> str | None:
+            try:
+                src.loader(path)
+            except DataError as e:  # our loaders' message names the file
+                return str(e)
+            except Exception as e:  # noqa: BLE001 - another loader's: name the file here
+                return f"{path}: cannot be decoded ({type(e).__name__}: {e})"
+            return None
+
+        with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
+            errors = [e for e in pool.map(bad, paths) if e is not None]
+        if errors:
+            more = f" | ... and {len(errors) - 5} more" if len(errors) > 5 else ""
+            raise DataError(f"{len(errors)} of the {len(paths)} images of split={split} to be "
+                            "used cannot be decoded (nothing is written until all do): "
+                            + " | ".join(errors[:5]) + more)
 
     def _fingerprint_extra(self) -> str:
         """What else decides the images a split yields (e.g. a resize), hashed after the data;

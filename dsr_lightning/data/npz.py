@@ -12,7 +12,7 @@ from torchvision import transforms as tvt
 
 from dsr_lightning.errors import ConfigError, DataError
 
-from .base import SmoothingDataModule
+from .base import SmoothingDataModule, path_tag
 
 REQUIRED = ("x_train", "y_train", "x_test", "y_test")
 
@@ -145,10 +145,13 @@ class NpzDataModule(SmoothingDataModule):
 
     eval: uint8 -> [0,1] floats (ToTensor's values); train (`augment`): RandomCrop to the image
     size with padding min(H, W) // 8 (4 px at 32 px, as CIFAR-10) + horizontal flip, then the
-    same. `name` defaults to the file's stem; `num_classes` and `class_names` (from the
+    same. `name` defaults to `<the file's stem>-<hash of its real path>` (data.base.path_tag), as
+    conf/data/npz.yaml names it; `num_classes` and `class_names` (from the
     `num_classes` argument, the file's class_names, or the labels) are read from the file on
     first access; `sha256`: the file's expected checksum, checked on loading.
     """
+
+    NEEDS = {"path": "your .npz file (arrays x_train, y_train, x_test, y_test)"}
 
     def __init__(self, path: str, num_classes: int | None = None, augment: bool = True,
                  sha256: str | None = None, **common):
@@ -163,7 +166,10 @@ class NpzDataModule(SmoothingDataModule):
         self._class_names: list[str] | None = None
 
     def _default_name(self) -> str:
-        return self.path.stem
+        return path_tag(self.path, stem=True)
+
+    def _where(self, split: str) -> str:
+        return f"{self.path}: x_{split}"
 
     def _load(self) -> dict[str, np.ndarray]:
         if self._arrays is None:

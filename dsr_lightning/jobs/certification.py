@@ -287,6 +287,8 @@ def certify(cfg: DictConfig, adopt: bool = True) -> dict:
         # multi-device run are folded in (main process only)
         done = results.merge_parts() if main else results.check()
         todo = [i for i in spec.indices(len(dataset)) if i not in done]
+        # every image to certify decodes, before a row is written (all bad files named at once)
+        datamodule.check_decodable(spec.split, todo)
         if main:
             results.open()
         print(f"certify: {len(todo)} images to go ({len(done)} already in {results.path})",
