@@ -25,6 +25,12 @@ class TrainingError(RuntimeError):
     """Training that cannot go on (e.g. a non-finite loss); the message says where it came from."""
 
 
+class WriteError(RuntimeError):
+    """A file that cannot be written (a full or read-only disk, no permission, a path that runs
+    through a file); the message names the file and the cause, says what to do, and that the file
+    that was there before is whole."""
+
+
 class Interrupted(Exception):
     """A job stopped by SIGTERM (a cluster preempting it) or Ctrl-C: what was written is kept; the
     message says how to resume. Entry points exit with 128 + the signal's number."""
@@ -34,5 +40,5 @@ class Interrupted(Exception):
         self.exit_code = 128 + int(signum)
 
 
-USER_ERRORS = (ConfigError, ResultsError, TrainingError, CheckpointError, DataError,
+USER_ERRORS = (ConfigError, ResultsError, TrainingError, CheckpointError, DataError, WriteError,
                FileNotFoundError)

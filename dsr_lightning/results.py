@@ -34,6 +34,7 @@ import numpy as np
 import pandas as pd
 
 from dsr_lightning.errors import ResultsError
+from dsr_lightning.files import atomic_write, write_error
 
 FORMAT = 2  # the settings record's format (1: the first release, without content identity)
 
@@ -300,16 +301,23 @@ class ResultsFile:
     # -- writing -----------------------------------------------------------------------------
     def open(self) -> None:
         """Create the file (settings record first, atomically; then the header) or repair a torn
-        last line; then rows are appended."""
+        last line; then rows are appended. A failing disk is one ResultsError, no temporary file
+        left: a record without its header is a lost write, started again."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if not self.path.exists() or self.path.stat().st_size == 0:
-            tmp = Path(f"{self.meta}.tmp{os.getpid()}")
-            tmp.write_text(json.dumps(self.settings, indent=2, default=str, allow_nan=False) + "\n")
-            os.replace(tmp, self.meta)  # a file is never without its (whole) settings
-            with open(self.path, "w") as f:
-                f.write("\t".join(self.columns) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
+            record = (json.dumps(self.settings, indent=2, default=str, allow_nan=False) + "\n").encode()
+            # a file is never without its (whole) settings
+            atomic_write(self.meta, lambda f: f.write(record), "the settings record", ResultsError)
+            try:  # in place: the writer's flock is on this file's inode, which a rename would drop
+                with open(self.path, "w") as f:
+                    f.write("\t".join(self.columns) + "\n")
+                    f.flush()
+                    os.fsync(f.fileno())
+            except OSError as e:
+                with suppress(OSError):  # a torn header: empty is a lost write, started again
+                    os.truncate(self.path, 0)
+                raise write_error(self.path, e, "the results file", ResultsError,
+                                  kept="Nothing was written.") from None
         else:
             self._drop_torn_line(self.path)
 
