@@ -24,7 +24,7 @@ test-fast: ## The fast loop (no install, no new processes): `pytest` alone runs 
 test-slow: install ## Run the slow tests too (DDP, subprocess kill/resume)
 	$(PY) -m pytest -q -m ""
 
-wheel-check: install ## Build the wheel and run tiny stages from it outside the checkout (CI)
+wheel-check: install ## Build the wheel, install it with its dependencies into a fresh venv, run tiny stages from it (CI)
 	PY=$(PY) bash scripts/check_wheel.sh
 
 lint: ## ruff check

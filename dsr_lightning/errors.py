@@ -56,6 +56,12 @@ class TrainingError(_OneMessage, RuntimeError):
     """Training that cannot go on (e.g. a non-finite loss); the message says where it came from."""
 
 
+class WriteError(_OneMessage, RuntimeError):
+    """A file that cannot be written (a full or read-only disk, no permission, a path that runs
+    through a file); the message names the file and the cause, says what to do, and that the file
+    that was there before is whole."""
+
+
 class Interrupted(_OneMessage, Exception):
     """A job stopped by SIGTERM (a cluster preempting it) or Ctrl-C: what was written is kept; the
     message says how to resume. Entry points exit with 128 + the signal's number."""
@@ -66,4 +72,4 @@ class Interrupted(_OneMessage, Exception):
 
 
 USER_ERRORS = (ConfigError, ResultsError, TrainingError, CheckpointError, DataError,
-               NetworkError, FileNotFoundError)
+               NetworkError, WriteError, FileNotFoundError)

@@ -34,6 +34,7 @@ import numpy as np
 import pandas as pd
 
 from dsr_lightning.errors import ResultsError
+from dsr_lightning.files import atomic_write, write_error
 from dsr_lightning.identity import sketch_difference, tolerance
 
 # the settings record's format (1: the first release, without content identity; 2: networks
@@ -357,20 +358,27 @@ class ResultsFile:
 
     # -- writing -----------------------------------------------------------------------------
     def _write_record(self, meta: Path) -> None:
-        tmp = Path(f"{meta}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps(self.settings, indent=2, default=str, allow_nan=False) + "\n")
-        os.replace(tmp, meta)  # a file is never without its (whole) settings
+        record = (json.dumps(self.settings, indent=2, default=str, allow_nan=False) + "\n").encode()
+        # a file is never without its (whole) settings
+        atomic_write(meta, lambda f: f.write(record), "the settings record", ResultsError)
 
     def open(self) -> None:
         """Create the file (settings record first, atomically; then the header) or repair a torn
-        last line; then rows are appended."""
+        last line; then rows are appended. A failing disk is one ResultsError, no temporary file
+        left: a record without its header is a lost write, started again."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if not self.path.exists() or self.path.stat().st_size == 0:
             self._write_record(self.meta)
-            with open(self.path, "w") as f:
-                f.write("\t".join(self.columns) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
+            try:  # in place: the writer's flock is on this file's inode, which a rename would drop
+                with open(self.path, "w") as f:
+                    f.write("\t".join(self.columns) + "\n")
+                    f.flush()
+                    os.fsync(f.fileno())
+            except OSError as e:
+                with suppress(OSError):  # a torn header: empty is a lost write, started again
+                    os.truncate(self.path, 0)
+                raise write_error(self.path, e, "the results file", ResultsError,
+                                  kept="Nothing was written.") from None
         else:
             self._drop_torn_line(self.path)
 

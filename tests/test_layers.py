@@ -9,22 +9,24 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "dsr_lightning"
+# the errors, the file writes every layer uses (files.py) and what networks and systems are
+# (identity.py)
+BOTTOM = {"errors", "files", "identity"}
 BELOW = {
     "errors": set(),
     "identity": set(),  # network and system ids, probe comparison: numpy only
-    "smoothing": {"errors"},
-    "models": {"errors", "identity"},
-    "data": {"errors"},
-    "results": {"errors", "identity"},
-    "tasks": {"errors", "identity", "smoothing", "models", "data", "results"},
-    "config": {"errors", "identity", "smoothing", "models", "data", "results", "tasks"},
-    "reports": {"errors", "identity", "results", "smoothing"},
-    "jobs": {"errors", "identity", "smoothing", "models", "data", "results", "tasks", "config",
-             "reports"},
-    "cli": {"errors", "identity", "smoothing", "models", "data", "results", "tasks", "config",
-            "reports", "jobs"},
+    "files": {"errors"},
+    "smoothing": BOTTOM,
+    "models": BOTTOM,
+    "data": BOTTOM,
+    "results": BOTTOM,
+    "tasks": BOTTOM | {"smoothing", "models", "data", "results"},
+    "config": BOTTOM | {"smoothing", "models", "data", "results", "tasks"},
+    "reports": BOTTOM | {"results", "smoothing"},
+    "jobs": BOTTOM | {"smoothing", "models", "data", "results", "tasks", "config", "reports"},
+    "cli": BOTTOM | {"smoothing", "models", "data", "results", "tasks", "config", "reports", "jobs"},
     # the Python API: beside cli, on top of the jobs
-    "api": {"errors", "identity", "smoothing", "models", "data", "results", "tasks", "jobs"},
+    "api": BOTTOM | {"smoothing", "models", "data", "results", "tasks", "jobs"},
 }
 ENTRY = {"__main__", "threshold"}  # entry points: they call cli
 # the package root (only the version: imported by any layer, imports nothing) and the YAML tree
@@ -110,3 +112,10 @@ def test_no_import_loop():
 def test_the_checker_sees_imports_inside_functions():
     # jobs.training imports the certification job inside a function, after fit
     assert "dsr_lightning.jobs.certification" in _graph()["dsr_lightning.jobs.training"]
+
+
+def test_files_sits_at_the_bottom_with_errors():
+    # every layer writes files through it, so it may import nothing of the package but errors
+    graph = _graph()
+    assert graph["dsr_lightning.files"] == {"dsr_lightning.errors"}
+    assert "dsr_lightning.files" in graph["dsr_lightning.models.checkpoint"]

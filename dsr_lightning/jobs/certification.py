@@ -337,7 +337,9 @@ def log_certify_run(cfg: DictConfig, out: dict) -> str:
     try:
         log_certification(run, out["system"], out["outfile"], list(cfg.certify.radii))
     finally:
-        run.finish()
+        from dsr_lightning.jobs.loggers import finish_wandb
+
+        finish_wandb(run)  # its files whole on disk when this returns
     return run.id
 
 

@@ -55,3 +55,16 @@ def wandb_run_record(logger: pl.loggers.WandbLogger) -> dict:
     run = logger.experiment
     return {"id": run.id, "project": run.project, "group": run.group, "name": run.name,
             "tags": list(run.tags or ())}
+
+
+def finish_wandb(run, exit_code: int = 0) -> None:
+    """Finish a W&B run whose files are then whole on disk. `run.finish()` returns before W&B's
+    service has closed the run, so an offline run's `run-<id>.wandb` could still grow after it (seen
+    under load: a reader got a file without its last records). When no other W&B run is active in
+    this process, its service is shut down too (`wandb.teardown()`), which waits until it has
+    written everything and exited; the next run starts a new one."""
+    import wandb
+
+    run.finish(exit_code=exit_code)
+    if wandb.run is None:
+        wandb.teardown()

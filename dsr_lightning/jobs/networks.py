@@ -545,11 +545,11 @@ def export(path: str | Path, role: str, module: nn.Module, recipe: dict, **extra
     """Write a trained network where the next stage reads it: a network of models.ARCHS in the
     published form {'arch', 'state_dict', 'arch_kwargs'} (loads with the published loaders), any
     other as {'state_dict', 'dsr_network': recipe} (loads with source=torchvision|module and
-    path=<file>). Atomic."""
-    import os
-
+    path=<file>). Atomic (files.atomic_write): a failed write is one WriteError, the file that
+    was there whole, no temporary file left."""
     import torch
 
+    from dsr_lightning.files import atomic_write
     from dsr_lightning.models import save_checkpoint
 
     path = Path(path)
@@ -558,11 +558,8 @@ def export(path: str | Path, role: str, module: nn.Module, recipe: dict, **extra
                                arch_kwargs=recipe.get("arch_kwargs") or {}, **extra)
     inner = module.net if isinstance(module, Classifier) else module
     state = {k: v.detach().cpu() for k, v in inner.state_dict().items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save({"state_dict": state, "dsr_network": {"role": role, **recipe}, **extra}, tmp)
-    os.replace(tmp, path)
-    return path
+    ckpt = {"state_dict": state, "dsr_network": {"role": role, **recipe}, **extra}
+    return atomic_write(path, lambda f: torch.save(ckpt, f), what="the network file")
 
 
 def load_frozen(role: str, spec, sigma: float | None = None,

@@ -205,14 +205,13 @@ class RunCheckpoint:
 
     # -- writing ------------------------------------------------------------------------------
     def write_threshold(self, choice: dict) -> None:
-        """Add the threshold chosen for these weights to the file, atomically (a kill leaves the
-        old file whole)."""
+        """Add the threshold chosen for these weights to the file, atomically (files.atomic_write:
+        a kill or a failing disk leaves the old file whole; the latter is one WriteError)."""
+        from dsr_lightning.files import atomic_write
+
         raw = torch.load(self.path, map_location="cpu", weights_only=False)
         raw["dsr_threshold"] = choice
-        tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
-        try:
-            torch.save(raw, tmp)
-            os.replace(tmp, self.path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        atomic_write(self.path, lambda f: torch.save(raw, f), what="the checkpoint",
+                     hint="Its weights are unchanged; resuming the run with ckpt_path=<it> "
+                     "certify=... chooses the threshold again")
         self.threshold_choice = choice

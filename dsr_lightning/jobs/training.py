@@ -4,7 +4,6 @@ after fit."""
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import os
 import time
@@ -23,9 +22,10 @@ from pytorch_lightning.plugins.io import TorchCheckpointIO
 from dsr_lightning.config import to_dict
 from dsr_lightning.config.schema import MANUAL_KEYS, check_train
 from dsr_lightning.errors import ConfigError, TrainingError
+from dsr_lightning.files import atomic_write, check_writable
 from dsr_lightning.jobs import networks
 from dsr_lightning.jobs.interrupt import stop_on_signals
-from dsr_lightning.jobs.loggers import wandb_run_record
+from dsr_lightning.jobs.loggers import finish_wandb, wandb_run_record
 from dsr_lightning.jobs.networks import DataFacts, data_facts
 from dsr_lightning.jobs.resume import check_resume
 from dsr_lightning.jobs.run_checkpoint import RunCheckpoint
@@ -48,6 +48,11 @@ def _export_target(path: str | None, overwrite: bool, role: str = "network") -> 
     if path.exists() and not overwrite:
         raise ConfigError(f"{path} exists already; pass overwrite=true to replace it, or choose "
                           "another pretrained_root=... / path")
+    # before training, not after it: the folder must take the file
+    check_writable(path.parent, f"the {role}'s folder", hint="Choose another pretrained_root=... "
+                   f"or {role}.path=<file>")
+    if path.exists() and _main_process():
+        print(f"overwrite=true: this run's {role} will replace {path}", flush=True)
     return path
 
 
@@ -267,6 +272,8 @@ def _train(cfg: DictConfig, tcfg: DictConfig, manual: dict, out: Path) -> dict:
         return _certify_finished(cfg, task, datamodule, Path(str(cfg.ckpt_path)), out)
     callbacks = _callbacks(cfg)
     best_cb, last_cb = _checkpoints(callbacks, cfg.stage.monitor)
+    for folder in {c.dirpath for c in (best_cb, last_cb) if c is not None and c.dirpath}:
+        check_writable(folder, "the checkpoints folder")  # a full disk stops the run before epoch 1
     loggers = _loggers(cfg, resumed)
     trainer: pl.Trainer = instantiate(tcfg, callbacks=callbacks, logger=loggers or False,
                                       enable_checkpointing=best_cb is not None or last_cb is not None,
@@ -285,8 +292,8 @@ def _train(cfg: DictConfig, tcfg: DictConfig, manual: dict, out: Path) -> dict:
         ok = True
         return result
     finally:
-        for run in wandb_runs:
-            run.finish(exit_code=0 if ok else 1)
+        for run in wandb_runs:  # its files whole on disk when train() returns
+            finish_wandb(run, exit_code=0 if ok else 1)
 
 
 def _certify_finished(cfg: DictConfig, task, datamodule, ckpt_path: Path, out: Path) -> dict:
@@ -357,15 +364,8 @@ class RunFolderLock:
         self._fd: int | None = None
 
     def __enter__(self) -> RunFolderLock:
-        try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            probe = self.folder / f".probe{os.getpid()}"
-            probe.write_bytes(b"")
-            probe.unlink()
-        except OSError as e:
-            raise ConfigError(f"cannot write the run folder {self.folder}: {e.strerror or e}; run "
-                              "from a writable folder, or set hydra.run.dir=<writable folder>"
-                              ) from None
+        check_writable(self.folder, "the run folder", hint="Run from a writable folder, or set "
+                       "hydra.run.dir=<a writable folder>")
         fd = os.open(self.folder, os.O_RDONLY)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -390,18 +390,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     place of a good one; a failed write is one clear error."""
 
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(checkpoint, tmp)
-            os.replace(tmp, path)
-        except OSError as e:
-            tmp.unlink(missing_ok=True)
-            what = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
-            raise TrainingError(f"cannot save the checkpoint {path}: {what}. The checkpoints saved "
-                                "before are intact; free space (or fix the folder's permissions) "
-                                "and resume from the last one") from None
+        atomic_write(path, lambda f: torch.save(checkpoint, f), what="the checkpoint",
+                     error=TrainingError, hint="The checkpoints saved before are intact: resume "
+                     "from the last one (ckpt_path=...)")
 
 
 def _finish(cfg, task, trainer, best_cb, last_cb, export, out: Path, wandb_runs: list) -> dict:

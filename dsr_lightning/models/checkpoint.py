@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from dsr_lightning.errors import CheckpointError
+from dsr_lightning.files import atomic_write
 
 from .dncnn import DnCNN
 from .memnet import MemNet
@@ -206,9 +207,10 @@ def _plain(x: Any) -> Any:
 
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, arch: str,
                     arch_kwargs: Mapping[str, Any] | None = None, **extra: Any) -> Path:
-    """Write `{'arch', 'state_dict', ['arch_kwargs'], **extra}` atomically; the result loads with
-    load_checkpoint and with the published loaders. The state dict is checked against a fresh
-    `build_arch(arch, **arch_kwargs)` first, so a file that would not load is never written."""
+    """Write `{'arch', 'state_dict', ['arch_kwargs'], **extra}` atomically (files.atomic_write: a
+    failed write is one WriteError, the previous file whole, no temporary file left); the result
+    loads with load_checkpoint and with the published loaders. The state dict is checked against a
+    fresh `build_arch(arch, **arch_kwargs)` first, so a file that would not load is never written."""
     if reserved := {"arch", "state_dict", "arch_kwargs"} & extra.keys():
         raise ValueError(f"reserved checkpoint entries passed as extra: {sorted(reserved)}")
     arch_kwargs = _plain(dict(arch_kwargs or {}))
@@ -222,11 +224,7 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, arch: str,
     load_state_dict_strict(ref, sd, source=f"model to be saved as {path} (arch {arch!r})")
     ckpt = {"arch": arch, "state_dict": sd, **({"arch_kwargs": arch_kwargs} if arch_kwargs else {}),
             **extra}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda f: torch.save(ckpt, f), what="the network file")
 
 
 # --- networks from anywhere: plain state dicts, TorchScript, pickled modules -----------------
