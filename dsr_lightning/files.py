@@ -91,12 +91,14 @@ def atomic_write(path: str | os.PathLike, write_fn: Callable[[IO[bytes]], Any], 
 
 
 def check_writable(folder: str | os.PathLike, what: str, error: type[Exception] = WriteError,
-                   hint: str = "") -> Path:
+                   hint: str = "", keep: bool = False) -> Path:
     """Create `folder` if need be and write, fsync and remove a probe file in it: a folder that
     cannot be created or written (read-only, no permission, below a file, a full disk) is one
-    `error` naming it and `what` it is for (`hint` appended). Returns the folder."""
+    `error` naming it and `what` it is for (`hint` appended). The folders created for the probe are
+    removed again unless `keep` (a check leaves nothing behind). Returns the folder."""
     folder = Path(folder)
     probe = folder / f".probe{os.getpid()}"
+    created = [p for p in (folder, *folder.parents) if not p.exists()]  # deepest first
     try:
         folder.mkdir(parents=True, exist_ok=True)
         fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -110,4 +112,8 @@ def check_writable(folder: str | os.PathLike, what: str, error: type[Exception] 
         with suppress(OSError):
             probe.unlink()
         raise write_error(folder, e, what, error, kept="Nothing was written.", hint=hint) from None
+    finally:
+        for p in () if keep else created:
+            with suppress(OSError):
+                p.rmdir()  # only if still empty
     return folder

@@ -365,7 +365,7 @@ class RunFolderLock:
 
     def __enter__(self) -> RunFolderLock:
         check_writable(self.folder, "the run folder", hint="Run from a writable folder, or set "
-                       "hydra.run.dir=<a writable folder>")
+                       "hydra.run.dir=<a writable folder>", keep=True)
         fd = os.open(self.folder, os.O_RDONLY)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
