@@ -84,10 +84,11 @@ def report_train(result: dict) -> None:
 
 
 def report_certify(result: dict) -> None:
-    print(f"\nresults: {result['outfile']}  ({result['done_before']} rows resumed, "
-          f"{result['todo']} certified now)\nsettings: {result['settings']}")
-    if result.get("table"):
-        print(result["table"])
+    for res in (result, *result.get("also", [])):  # the systems of one pass, each its own file
+        print(f"\n{res['system']}: {res['outfile']}  ({res['done_before']} rows resumed, "
+              f"{res['todo']} certified now)\nsettings: {res['settings']}")
+        if res.get("table"):
+            print(res["table"])
 
 
 def _train(cfg: DictConfig) -> float | None:

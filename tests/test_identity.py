@@ -6,6 +6,7 @@ and D; a run resumed after its weights file changed is refused."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -230,3 +231,66 @@ def test_a_torchscript_denoiser_works(tiny_pretrained, tmp_path):
     res = certify_tiny(tiny_pretrained, None, tmp_path, "system=denoised", "rejector_ckpt=null",
                        "denoiser=file", f"denoiser.path={path}")
     assert res["todo"] == 4 and record(res)["networks"]["denoiser"]["recipe"]["file_sha256"]
+
+
+# --- one pass, several systems ------------------------------------------------------------------
+
+def _rows_without_time(path) -> pd.DataFrame:
+    return pd.read_csv(path, sep="\t").drop(columns="time")
+
+
+def test_one_pass_equals_separate_runs_row_for_row(tiny_pretrained, rejector, tmp_path):
+    """certify.py system=rejection baseline=true thresholds=[...]: f_R, its denoised baseline and
+    f_R at other thresholds from the same draws, each into the file a separate run of that system
+    writes (the same name and identity: a separate run finds it done), with the same rows."""
+    one = tmp_path / "one"
+    res = certify_tiny(tiny_pretrained, rejector, one, "system=rejection", "baseline=true",
+                       "thresholds=[0,1e9]")
+    files = [res, *res["also"]]
+    assert [(r["system"], r["threshold"]) for r in files][1:] == [
+        ("denoised", None), ("rejection", 0.0), ("rejection", 1e9)]
+    assert len({r["outfile"] for r in files}) == 4 and all(r["todo"] == 4 for r in files)
+    separate = {0: ["system=rejection"], 1: ["system=denoised"],
+                2: ["system=rejection", "threshold=0"], 3: ["system=rejection", "threshold=1e9"]}
+    for i, args in separate.items():
+        # the same command on its own finds its file written by the pass, and done
+        again = certify_tiny(tiny_pretrained, rejector, one, *args)
+        assert again["outfile"] == files[i]["outfile"] and again["todo"] == 0, args
+        # and on its own, elsewhere, it writes the same rows
+        alone = certify_tiny(tiny_pretrained, rejector, tmp_path / f"alone{i}", *args)
+        pd.testing.assert_frame_equal(_rows_without_time(alone["outfile"]),
+                                      _rows_without_time(files[i]["outfile"]))
+    den, at0, never = (_rows_without_time(files[i]["outfile"]) for i in (1, 2, 3))
+    assert (den.n_R == 0).all() and (at0.n_R > 0).any()
+    cols = ["c_hat", "n_A", "n_B", "N", "predict"]
+    pd.testing.assert_frame_equal(never[cols], den[cols])  # a threshold no logit passes
+
+
+def test_one_pass_resumes_each_file_on_its_own(tiny_pretrained, rejector, tmp_path):
+    """A baseline already written (another job of a sweep) is left as it is; the pass writes the
+    rows the other file lacks."""
+    first = certify_tiny(tiny_pretrained, rejector, tmp_path / "a", "system=rejection",
+                         "baseline=true")
+    base = Path(first["also"][0]["outfile"])
+    out = tmp_path / "b"
+    out.mkdir()
+    for suffix in ("", ".json"):
+        (out / (base.name + suffix)).write_bytes(Path(f"{base}{suffix}").read_bytes())
+    before = (out / base.name).read_bytes()
+    res = certify_tiny(tiny_pretrained, rejector, out, "system=rejection", "baseline=true")
+    assert res["todo"] == 4 and res["also"][0]["todo"] == 0
+    assert (out / base.name).read_bytes() == before
+    pd.testing.assert_frame_equal(_rows_without_time(res["outfile"]),
+                                  _rows_without_time(first["outfile"]))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["system=denoised", "baseline=true"], "use system=rejection"),
+    (["system=rejection", "baseline=true", "mode=predict"], "works with mode=certify"),
+    (["system=rejection", "thresholds=[nan]"], "thresholds="),
+    (["system=rejection", "baseline=true", "outfile=one.tsv"], "put {id} in outfile"),
+])
+def test_one_pass_misuse(tiny_pretrained, rejector, tmp_path, args, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        certify_tiny(tiny_pretrained, rejector, tmp_path, *args)
+    assert not list(tmp_path.glob("*.tsv"))

@@ -122,6 +122,8 @@ class StageConfig:
 class CertifySettings:
     """The keys of certify.py; in train.py the `certify` group (none | quick | paper | full)."""
     systems: list[str] = field(default_factory=list)  # train.py: certified after fit
+    # the rejection system at other thresholds, from the same draws (ablation; each its own file)
+    thresholds: list[float] = field(default_factory=list)
     N0: int = 100
     N: int = 10_000
     alpha: float = 0.01
@@ -207,6 +209,10 @@ class CertifyConfig(CommonConfig):
     outfile: str = MISSING
     outfile_tag: dict[str, str] = field(default_factory=dict)
     threshold: float | None = None  # rejection: override the checkpoint's decision threshold
+    # rejection, mode=certify: more systems from the same draws, each into its own results file
+    baseline: bool = False     # the denoised baseline (the same f and D, no heads)
+    baseline_outdir: str = II("outdir")
+    thresholds: list[float] = II("certify.thresholds")  # f_R at other thresholds (ablation)
     wait: bool = False         # another process writes the same results file: wait for it
     allow_out_of_range: bool = False  # certify images with values outside [0, 1]
     # train.py's groups that experiments set; certify.py rebuilds them from the checkpoint
@@ -395,6 +401,27 @@ def check_train(cfg: DictConfig) -> None:
         if cfg.certify.mode != "certify":
             raise ConfigError(f"certify.mode={cfg.certify.mode}: the training job certifies with "
                               "mode=certify; run certify.py for predict, staged or attack")
+        for t in cfg.certify.thresholds:
+            threshold_setting("certify.thresholds", t)
+        if cfg.certify.thresholds and "rejection" not in cfg.certify.systems:
+            raise ConfigError("certify.thresholds=... are thresholds of the rejection system: add "
+                              "rejection to certify.systems, or drop them")
+
+
+def check_shared(cfg: DictConfig, baseline: bool, thresholds: list, prefix: str = "") -> None:
+    """baseline=true and thresholds=[...] (more systems from the same draws) need the rejection
+    system in mode=certify; every threshold a number (inf: never reject)."""
+    if not baseline and not thresholds:
+        return
+    what = "baseline=true" if baseline else f"{prefix}thresholds={thresholds}"
+    if cfg.system.name != "rejection":
+        raise ConfigError(f"{what} certifies other systems from the draws of the rejection system: "
+                          f"use system=rejection (not {cfg.system.name}), or drop it")
+    if cfg.mode != "certify":
+        raise ConfigError(f"{what} works with mode=certify (not mode={cfg.mode}): drop it, or "
+                          "certify each system in its own run")
+    for t in thresholds:
+        threshold_setting(f"{prefix}thresholds", t)
 
 
 def check_certify(cfg: DictConfig) -> None:
@@ -410,6 +437,7 @@ def check_certify(cfg: DictConfig) -> None:
         if cfg.system.name != "rejection":
             raise ConfigError(f"threshold={t}: only system=rejection has a rejector threshold; "
                               f"drop it for system={cfg.system.name}")
+    check_shared(cfg, cfg.get("baseline"), list(cfg.get("thresholds") or []))
     bound = _choice("bound", cfg.bound, BOUNDS)
     if cfg.system.name != "rejection" and bound != "cohen":
         raise ConfigError(f"bound={bound} needs a reject class; system={cfg.system.name} has none: "

@@ -5,8 +5,10 @@ denoised (classifier + denoiser: Salman et al.) and plain (classifier: Cohen et 
 
 from __future__ import annotations
 
+import copy
 import math
 import os
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -205,12 +207,25 @@ def settings_of(spec: CertificationSpec, system: str, built: dict, data: dict,
                          "device_model": _device_model(device)}}
 
 
+def _explicit_bound(cfg: DictConfig) -> bool:
+    """Whether the bound was asked for by name (bound=..., certify.bound=...)."""
+    return not OmegaConf.is_interpolation(cfg, "bound") or cfg.certify.bound is not None
+
+
+def _bound_at(cfg: DictConfig, threshold: float, explicit: bool) -> str:
+    """The bound the rejection system is certified with at `threshold`: the one asked for by name,
+    else cohen for +inf (it never rejects, see _never_rejecting), else the system's own."""
+    if explicit:
+        return cfg.bound
+    return "cohen" if math.isinf(threshold) and threshold > 0 else cfg.system.bound
+
+
 def _never_rejecting(cfg: DictConfig) -> None:
     """A rejection system whose threshold is +inf never rejects: p_R = 0 is known, not estimated,
     so it is certified as the denoised system is (one bound at α, bound=cohen) instead of spending
     α/2 on each of two bounds; the file's name and record say so. (Before any file is touched.)
     A bound asked for by name (bound=..., certify.bound=...) is kept."""
-    explicit = not OmegaConf.is_interpolation(cfg, "bound") or cfg.certify.bound is not None
+    explicit = _explicit_bound(cfg)
     if cfg.system.name != "rejection" or cfg.bound == "cohen" or explicit \
             or not cfg.get("rejector_ckpt") or not Path(cfg.rejector_ckpt).is_file():
         return  # (a bound asked for by name is kept)
@@ -224,9 +239,10 @@ def _never_rejecting(cfg: DictConfig) -> None:
             cfg.bound = "cohen"
 
 
-def _stopped(what: str, results: ResultsFile) -> str:
-    return (f"certification stopped by {what}; the rows written are kept in {results.path}. "
-            "Run the same command again to resume: the images done are skipped")
+def _stopped(what: str, files: list[ResultsFile]) -> str:
+    return (f"certification stopped by {what}; the rows written are kept in "
+            f"{', '.join(str(f.path) for f in files)}. Run the same command again to resume: the "
+            "images done are skipped")
 
 
 def _device_model(device: torch.device) -> str:
@@ -250,13 +266,65 @@ def _main_process() -> bool:
     return int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
 
 
+@dataclass
+class Certified:
+    """One system a certification run writes: its name, spec (its bound), what it is (build_system's
+    dict) and its results file."""
+
+    system: str
+    spec: CertificationSpec
+    built: dict
+    path: Path
+
+
+def shared_systems(cfg: DictConfig, spec: CertificationSpec, built: dict,
+                   explicit_bound: bool = False) -> list[Certified]:
+    """The systems certified from one run's draws: the configured one, then with system=rejection
+    and mode=certify its denoised baseline (`baseline=true`: the same f and D, no heads; into
+    `baseline_outdir`) and the rejection system at each of `thresholds` (ablation), each with its
+    own identity and results file (the file a separate run of that system would write)."""
+    name = cfg.system.name
+    out = [Certified(name, spec, built, results_path(cfg.outfile, name, built))]
+    if name != "rejection" or spec.mode != "certify":
+        return out
+
+    def variant(system: str, threshold, bound: str, outdir: str, what: dict) -> Certified:
+        v = copy.deepcopy(cfg)
+        with open_dict(v):
+            v.system.name, v.threshold, v.bound, v.outdir = system, threshold, bound, outdir
+        return Certified(system, replace(spec, bound=bound), what,
+                         results_path(v.outfile, system, what))
+
+    if cfg.get("baseline"):
+        base = {"networks": {r: built["networks"][r] for r in ("classifier", "denoiser")},
+                "threshold": None, "files": built["files"],
+                "run": {k: built["run"].get(k) for k in ("classifier", "denoiser", "objective",
+                                                          "noise_sd")}
+                | {"T": None, "rejector_of": built["files"].get("rejector")}}
+        out.append(variant("denoised", None, "cohen", cfg.get("baseline_outdir") or cfg.outdir,
+                           base))
+    for t in cfg.get("thresholds") or []:
+        out.append(variant("rejection", float(t), _bound_at(cfg, float(t), explicit_bound),
+                           cfg.outdir, {**built, "threshold": float(t)}))
+    paths = [c.path for c in out]
+    if len(set(paths)) < len(paths):
+        raise ConfigError(f"outfile={cfg.outfile} names one file, but baseline=true or thresholds="
+                          "... certify several systems, each into its own file: put {id} in "
+                          "outfile (as its default does), or drop outfile=...")
+    return out
+
+
 def certify(cfg: DictConfig, adopt: bool = True) -> dict:
-    """Certify the configured split; rows stream to cfg.outfile, written by this process alone.
-    Returns the paths, the counts, the summary of the whole file and its Markdown table row.
-    `adopt`: take the networks, σ and data of the rejector checkpoint (adopt_checkpoint)."""
+    """Certify the configured split; rows stream to the system's results file (cfg.outfile),
+    written by this process alone. With system=rejection, `baseline=true` and `thresholds=[...]`
+    certify more systems from the same draws (shared_systems), each into its own file. Returns
+    the paths, the counts, the summary of the main file and its Markdown table row, and the same
+    for each other system (`also`). `adopt`: take the networks, σ and data of the rejector
+    checkpoint (adopt_checkpoint)."""
     check_certify(cfg)
     if adopt:
         adopt_checkpoint(cfg)
+    explicit_bound = _explicit_bound(cfg)
     _never_rejecting(cfg)
     spec = spec_of(cfg)
     main = _main_process()
@@ -269,55 +337,81 @@ def certify(cfg: DictConfig, adopt: bool = True) -> dict:
         raise ConfigError(f"split={spec.split} of data={type(datamodule).__name__} holds no "
                           "images: nothing to certify (choose another split, or data with "
                           "images in it)")
-    path = results_path(cfg.outfile, cfg.system.name, built)
-    print("certify: " + ", ".join(f"{role} {fp['recipe'].get('name') or ''} #{fp['id']}"
-                                  for role, fp in built["networks"].items())
-          + f" -> {path}", flush=True)
-    lock = WriterLock(path)
-    if main:
-        lock.acquire(wait=bool(cfg.get("wait", False)))  # the file is ours from here on
+    systems = shared_systems(cfg, spec, built, explicit_bound)
+    for c in systems:
+        print(f"certify: {c.system}" + (f" (threshold {c.built['threshold']:g})"
+                                        if c.built["threshold"] is not None else "") + ": "
+              + ", ".join(f"{role} {fp['recipe'].get('name') or ''} #{fp['id']}"
+                          for role, fp in c.built["networks"].items()) + f" -> {c.path}",
+              flush=True)
+    shared = [(c.built["threshold"] if c.system == "rejection" else None, c.spec.bound)
+              for c in systems] if len(systems) > 1 else None
+    if not shared and system.rejector is not None and math.isinf(system.threshold) \
+            and system.threshold > 0:  # never rejects: the heads need not run (n_R = 0)
+        system = SmoothingSystem(system.classifier, system.denoiser, None,
+                                 threshold=system.threshold, num_classes=system.num_classes)
+    locks = [WriterLock(c.path) for c in systems]
     try:
+        if main:  # the files are ours from here on (in a fixed order: no two runs wait in a loop)
+            for lock in locks:
+                lock.acquire(wait=bool(cfg.get("wait", False)))
         trainer: pl.Trainer = instantiate(cfg.trainer, logger=False,
                                           use_distributed_sampler=False)
         data = {"name": type(datamodule).__name__, "split_size": len(dataset),
                 "fingerprint": datamodule.fingerprint(spec.split)}
-        results = ResultsFile(path, settings_of(spec, cfg.system.name, built, data,
-                                                _device(trainer)), spec.columns)
-        # checked under the lock, as the file is about to be written; the shards of a killed
+        files = [ResultsFile(c.path, settings_of(c.spec, c.system, c.built, data,
+                                                 _device(trainer)), spec.columns)
+                 for c in systems]
+        # checked under the locks, as the files are about to be written; the shards of a killed
         # multi-device run are folded in (main process only)
-        done = results.merge_parts() if main else results.check()
-        todo = [i for i in spec.indices(len(dataset)) if i not in done]
+        done = [f.merge_parts() if main else f.check() for f in files]
+        todo = [i for i in spec.indices(len(dataset)) if any(i not in d for d in done)]
         # every image to certify decodes, before a row is written (all bad files named at once)
         datamodule.check_decodable(spec.split, todo)
         if main:
-            results.open()
-        print(f"certify: {len(todo)} images to go ({len(done)} already in {results.path})",
-              flush=True)
+            for f in files:
+                f.open()
+        for f, d in zip(files, done):
+            print(f"certify: {sum(i not in d for i in todo)} images to go ({len(d)} already in "
+                  f"{f.path})", flush=True)
         if todo:
-            trainer.callbacks.append(RowWriter(results))
-            with stop_on_signals(lambda what: _stopped(what, results)):
-                trainer.predict(CertificationModule(system, spec, dataset, todo),
+            trainer.callbacks.append(RowWriter(files, done=done, names=[
+                c.system if c.built["threshold"] is None or len(systems) == 1
+                else f"{c.system} t={c.built['threshold']:g}" for c in systems])
+                if shared else RowWriter(files[0]))
+            with stop_on_signals(lambda what: _stopped(what, files)):
+                trainer.predict(CertificationModule(system, spec, dataset, todo, shared),
                                 return_predictions=False)
     finally:
         if main:
-            lock.release()
-    out = {"outfile": str(results.path), "settings": str(results.meta), "todo": len(todo),
-           "done_before": len(done), "system": cfg.system.name,
-           "wandb": built["run"].get("wandb")}
-    if main and spec.mode == "certify":
+            for lock in reversed(locks):
+                lock.release()
+    outs = [_summary(cfg, c, f, d, todo, main) for c, f, d in zip(systems, files, done)]
+    out = {**outs[0], "wandb": built["run"].get("wandb"), "also": outs[1:]}
+    if main and spec.mode == "certify" and cfg.get("logger") and cfg.logger.get("wandb"):
+        out["wandb_run"] = log_certify_run(cfg, out)
+    if main and spec.mode == "attack":
+        from dsr_lightning.reports.attack import attack_summary, format_summary
+        from dsr_lightning.results import read_table
+
+        out["attack"] = attack_summary(read_table(files[0].path), files[0].settings)
+        print(format_summary(out["attack"]), flush=True)
+    return out
+
+
+def _summary(cfg: DictConfig, c: Certified, results: ResultsFile, done: set[int], todo: list[int],
+             main: bool) -> dict:
+    """What certify() says of one results file: its paths and counts, and (mode=certify) its
+    table row, ACR and certified accuracies at certify.radii."""
+    out = {"outfile": str(results.path), "settings": str(results.meta), "system": c.system,
+           "todo": sum(i not in done for i in todo), "done_before": len(done),
+           "threshold": c.built["threshold"]}
+    if main and c.spec.mode == "certify":
         from dsr_lightning.reports import markdown_table, summary_frame
 
         frame = summary_frame([results.path], radii=list(cfg.certify.radii))
         out.update(frame=frame, table=markdown_table(frame), acr=float(frame["acr"].iloc[0]),
                    acc={float(r): float(frame[f"acc@{r:g}"].iloc[0]) for r in cfg.certify.radii})
-        if cfg.get("logger") and cfg.logger.get("wandb"):
-            out["wandb_run"] = log_certify_run(cfg, out)
-    if main and spec.mode == "attack":
-        from dsr_lightning.reports.attack import attack_summary, format_summary
-        from dsr_lightning.results import read_table
-
-        out["attack"] = attack_summary(read_table(results.path), results.settings)
-        print(format_summary(out["attack"]), flush=True)
     return out
 
 
@@ -335,7 +429,10 @@ def log_certify_run(cfg: DictConfig, out: dict) -> str:
                                    if k not in ("hydra",)},
                        "rejector_run_id": link.get("id")}, allow_val_change=True)
     try:
-        log_certification(run, out["system"], out["outfile"], list(cfg.certify.radii))
+        for res in (out, *out.get("also", [])):  # each system of the pass under its own name
+            key = res["system"] if res is out or res["threshold"] is None \
+                else f"rejection@{res['threshold']:g}"
+            log_certification(run, key, res["outfile"], list(cfg.certify.radii))
     finally:
         from dsr_lightning.jobs.loggers import finish_wandb
 
@@ -375,25 +472,35 @@ def job_config(train_cfg: DictConfig, system: str, rejector_ckpt: str | None,
 def certify_after_fit(train_cfg: DictConfig, rejector_ckpt: str, outdir: Path,
                       wandb_runs: list) -> dict:
     """train.py certify=...: certify the trained f_R and each other system of certify.systems
-    (the denoised baseline: the same classifier and denoiser, no rejector) on the same images and
-    noise, through certify(); log each to the job's W&B run. Returns {system: summary}."""
+    (the denoised baseline: the checkpoint's own classifier and denoiser, no rejector) on the same
+    images and noise, through certify(): in one pass, the baseline's counts (and those of f_R at
+    certify.thresholds) derived from f_R's draws (DESIGN §8.2). Logs each to the job's W&B run.
+    Returns {system: summary} (`rejection@<t>` for the other thresholds)."""
     from dsr_lightning.config import is_multirun, sweep_dir
 
     # The baselines do not depend on the job's rejector: in a sweep, the jobs that share one (the
-    # same σ, classifier and denoiser) share its results file in <sweep>/baselines: the first job
-    # writes it, the others wait for the lock and find it done.
+    # same σ, classifier and denoiser: the same system id) share its results file in
+    # <sweep>/baselines: the first job writes it, the others wait for the lock and find it done.
     shared = sweep_dir() / "baselines" if is_multirun() else outdir
-    out = {}
-    for system in train_cfg.certify.systems:
-        # the baseline is the checkpoint's own f and D (not the files, which may have changed)
-        ckpt = str(rejector_ckpt) if system in ("rejection", "denoised") else None
-        cfg = job_config(train_cfg, system, ckpt, outdir if system == "rejection" else shared)
+    systems = list(train_cfg.certify.systems)
+    if "rejection" in systems:
+        cfg = job_config(train_cfg, "rejection", str(rejector_ckpt), outdir)
+        with open_dict(cfg):
+            cfg.baseline, cfg.baseline_outdir = "denoised" in systems, str(shared)
         res = certify(cfg, adopt=False)
-        out[system] = {"file": res["outfile"], "acr": res["acr"], "acc": res["acc"],
-                       "table": res["table"]}
+        results = [res, *res["also"]]
+    else:  # the baseline alone
+        results = [certify(job_config(train_cfg, "denoised", str(rejector_ckpt), shared),
+                           adopt=False)]
+    out = {}
+    for i, res in enumerate(results):
+        key = res["system"] if i == 0 or res["threshold"] is None \
+            else f"rejection@{res['threshold']:g}"
+        out[key] = {"file": res["outfile"], "acr": res["acr"], "acc": res["acc"],
+                    "table": res["table"]}
         if wandb_runs:
             from dsr_lightning.reports.wandb import log_certification
 
             for run in wandb_runs:
-                log_certification(run, system, res["outfile"], list(train_cfg.certify.radii))
+                log_certification(run, key, res["outfile"], list(train_cfg.certify.radii))
     return out

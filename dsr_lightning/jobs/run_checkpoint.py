@@ -115,7 +115,11 @@ class RunCheckpoint:
                          threshold: float | None = None) -> SmoothingSystem:
         """f_R rebuilt from this file alone (f, D, the heads and the threshold); `threshold`
         replaces the checkpoint's. A σ other than the rejector's is refused."""
-        return self.system("rejection", sigma, threshold)[0]
+        system = self.system("rejection", sigma, threshold)[0]
+        if math.isinf(system.threshold) and system.threshold > 0:  # never rejects: no heads to run
+            return SmoothingSystem(system.classifier, system.denoiser, None,
+                                   threshold=system.threshold, num_classes=system.num_classes)
+        return system
 
     def system(self, name: str = "rejection", sigma: float | None = None,
                threshold: float | None = None) -> tuple[SmoothingSystem, dict]:
@@ -124,7 +128,8 @@ class RunCheckpoint:
         `threshold` replaces the checkpoint's); `denoised`: the same f and D without the heads
         (the rejector's baseline: the networks it was trained on, not the files as they are now).
         Each rebuilt network must reproduce the outputs recorded when it was trained. A σ other
-        than the rejector's is refused."""
+        than the rejector's is refused. (f_R keeps its heads at threshold +inf too: the caller
+        may leave them out, as rejection_system does, since they never reject.)"""
         self.require_stage("rejector", "pass rejector_ckpt=<run>/checkpoints/best.ckpt of a "
                                        "rejector run")
         run = self.config
@@ -152,9 +157,7 @@ class RunCheckpoint:
         recipe["probe"] = probe("rejector", lambda x: full.outputs(x)["head_logits"], recipe,
                                 shape, float(run["sigma"]), what=f"the rejector of {self.path}")
         prints["rejector"] = fingerprint("rejector", recipe)
-        # +inf never rejects: the heads need not run (the counts are the same, n_R = 0)
-        heads = None if math.isinf(t) and t > 0 else rej
-        return SmoothingSystem(clf, den, heads, threshold=t, num_classes=clf.num_classes), prints
+        return full, prints
 
     def recipe(self, role: str) -> dict:
         """How the run built its `role` network (jobs.networks), recorded at training; a

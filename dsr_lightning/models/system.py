@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -9,6 +10,21 @@ import torch.nn as nn
 # (f alone: Cohen et al.)
 SYSTEMS = ("rejection", "denoised", "plain")
 INVALID = -1  # the label of a draw whose logits are not finite: no class, counted apart and refused
+
+
+def consulted(head_logits: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+    """(B,) float32: the logit of the head f_R consults, that of each draw's prediction."""
+    return head_logits.gather(1, pred[:, None]).squeeze(1).float()
+
+
+def finite_draws(logits: torch.Tensor, head_logits: torch.Tensor | None,
+                 pred: torch.Tensor) -> torch.Tensor:
+    """(B,) bool: the draws whose logits (and consulted head's logit) are finite. The argmax of
+    NaN logits is some class: the others get no label (INVALID), which the engine refuses."""
+    finite = torch.isfinite(logits).all(1)
+    if head_logits is not None:
+        finite &= torch.isfinite(consulted(head_logits.detach(), pred))
+    return finite
 
 
 def freeze(module: nn.Module) -> nn.Module:
@@ -72,13 +88,11 @@ class SmoothingSystem(nn.Module):
             head_logits, reject = None, torch.zeros_like(pred, dtype=torch.bool)
         else:
             head_logits = self.rejector(z, feats)  # (B, K)
-            reject = head_logits.detach().gather(1, pred[:, None]).squeeze(1) > self.threshold
+            # in float32 whatever the autocast: a bf16 comparison would round the threshold
+            reject = consulted(head_logits.detach(), pred) > self.threshold
         label = torch.where(reject, torch.full_like(pred, self.num_classes), pred)
-        # argmax of NaN logits is some class: such a draw gets no label (the engine refuses it)
-        finite = torch.isfinite(logits).all(1)
-        if head_logits is not None:
-            finite &= torch.isfinite(head_logits.detach().gather(1, pred[:, None]).squeeze(1))
-        label = torch.where(finite, label, torch.full_like(label, INVALID))
+        label = torch.where(finite_draws(logits, head_logits, pred), label,
+                            torch.full_like(label, INVALID))
         return dict(denoised=z, logits=logits, pred=pred, head_logits=head_logits, reject=reject,
                     label=label)
 
@@ -104,3 +118,46 @@ class SmoothingSystem(nn.Module):
     def forward(self, noisy: torch.Tensor) -> torch.Tensor:
         """noisy: (B, C, H, W) -> labels (B,) long in {0..K}, K meaning reject."""
         return self.outputs(noisy)["label"]
+
+
+class SharedDraws(nn.Module):
+    """One pass, several systems (DESIGN §8.2): the rejection system at several thresholds and its
+    denoised baseline (the same f and D, no heads) from the same noisy draws.
+
+    forward: noisy (B, C, H, W) -> one label per draw, c·(M+1) + b, with c = f's class of the
+    draw and b the number of `thresholds` (sorted, M of them) that the consulted head's logit
+    exceeds (INVALID where a logit is not finite); `num_classes` = K·(M+1), so the engine's
+    counts of these labels are the joint counts of (c, b). `split(counts, threshold)` turns them
+    into one system's counts (..., K+1): at threshold τ_j the draws with b > j are rejected (the
+    head's logit > τ_j, exactly as SmoothingSystem decides, in float32), the others vote for c;
+    `threshold=None` is the denoised baseline (no draw rejected). Each system's counts are those
+    a run of that system alone would count from the same draws."""
+
+    def __init__(self, system: SmoothingSystem, thresholds) -> None:
+        super().__init__()
+        if system.rejector is None:
+            raise ValueError("SharedDraws needs a system with a rejector")
+        self.system = system
+        self.thresholds = sorted({float(t) for t in thresholds})
+        self.register_buffer("edges", torch.tensor(self.thresholds, dtype=torch.float32),
+                             persistent=False)
+        self.k, self.m = system.num_classes, len(self.thresholds)
+        self.num_classes = self.k * (self.m + 1)
+
+    def forward(self, noisy: torch.Tensor) -> torch.Tensor:
+        out = self.system.outputs(noisy)
+        pred, heads = out["pred"], out["head_logits"].detach()
+        b = (consulted(heads, pred)[:, None] > self.edges[None, :]).sum(1)  # (B,) thresholds passed
+        cell = pred * (self.m + 1) + b
+        return torch.where(finite_draws(out["logits"], heads, pred), cell,
+                           torch.full_like(cell, INVALID))
+
+    def split(self, counts: np.ndarray, threshold: float | None) -> np.ndarray:
+        """counts (..., K·(M+1) + 1) of this module's labels (the last, reject, column empty) ->
+        the counts (..., K+1) of the system at `threshold` (one of `thresholds`), or of the
+        denoised baseline (None)."""
+        joint = counts[..., :-1].reshape(*counts.shape[:-1], self.k, self.m + 1)  # (..., K, M+1)
+        j = self.m + 1 if threshold is None else self.thresholds.index(float(threshold)) + 1
+        kept = joint[..., :j].sum(-1)  # buckets 0..j-1: the head's logit <= the threshold
+        rejected = joint[..., j:].sum((-1, -2))
+        return np.concatenate([kept, rejected[..., None]], -1)

@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from dsr_lightning.errors import ConfigError
+from dsr_lightning.models.system import SharedDraws
 from dsr_lightning.results import COLUMNS, SPEC_KEYS, ResultsFile
 from dsr_lightning.smoothing import (
     ABSTAIN,
@@ -155,7 +156,7 @@ class CertificationModule(pl.LightningModule):
     """
 
     def __init__(self, system: nn.Module, spec: CertificationSpec, dataset: Dataset,
-                 todo: list[int]):
+                 todo: list[int], shared: list[tuple[float | None, str]] | None = None):
         super().__init__()
         batch = spec.batch
         if batch != AUTO and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
@@ -163,7 +164,12 @@ class CertificationModule(pl.LightningModule):
                               f"or 'auto' (the largest that fits), got {batch!r}")
         self.spec, self.dataset, self.todo = spec, dataset, todo
         self.system = system  # mode=attack: its soft_scores (with gradient), uncompiled
-        self.base = AcceleratedSystem(system, spec.bf16, spec.channels_last, spec.compile)
+        # one pass, several systems (mode=certify): [(threshold or None: the baseline, bound)]
+        self.shared = shared
+        self.draws = SharedDraws(system, [t for t, _ in shared if t is not None]) if shared \
+            else None
+        self.base = AcceleratedSystem(self.draws or system, spec.bf16, spec.channels_last,
+                                      spec.compile)
         # every counting pass goes through `passes`: cut to its limit, halved on out of memory
         self.passes = BackoffForward(self.base, None if batch == AUTO else batch,
                                      self.base.num_classes)
@@ -240,6 +246,12 @@ class CertificationModule(pl.LightningModule):
         t0 = time.perf_counter()
         noise = ImageNoise(self.spec.seed, idx.tolist())
         spec = self.spec
+        if self.shared:
+            # (B, 2, K·(M+1)+1): the N0 selection and the N estimation draws, counted once
+            counts = self.smoothed.counts(x, (spec.N0, spec.N), self.batch, noise=noise)
+            dt = (time.perf_counter() - t0) / len(idx)
+            return [self._rows(idx, y, self._certify_counts(self.draws.split(counts, t), bound),
+                               dt) for t, bound in self.shared]
         if spec.mode == "certify":
             cert = self.smoothed.certify(x, spec.N0, spec.N, spec.alpha, self.batch, spec.bound,
                                          noise=noise)
@@ -263,6 +275,19 @@ class CertificationModule(pl.LightningModule):
             d = certify_details(counts, top, spec.sigma, spec.alpha, "cohen").columns()
             cols = {k: d[k] for k in ("n_A", "n_R", "n_B", "N")}
         dt = (time.perf_counter() - t0) / len(idx)  # the step's time, shared by its images
+        return self._rows(idx, y, {**cols, "prediction": pred}, dt)
+
+    def _certify_counts(self, counts: np.ndarray, bound: str) -> dict:
+        """The certificates of one system from its counts (B, 2, K+1), as SmoothedClassifier
+        .certify gives them from the same draws: ĉ_A from the N0 selection draws (the first
+        maximum over the real classes), bounded with the N estimation draws."""
+        c_hat = counts[:, 0, :-1].argmax(-1)
+        return certify_details(counts[:, 1], c_hat, self.spec.sigma, self.spec.alpha,
+                               bound).columns()
+
+    def _rows(self, idx: torch.Tensor, y: torch.Tensor, cols: dict, dt: float) -> list[dict]:
+        """One row per image: the reference columns, then what `cols` has of the mode's."""
+        pred = cols["prediction"]
         labels = y.cpu().numpy()
         rows = []
         for i in range(len(idx)):
@@ -343,31 +368,49 @@ class CertificationModule(pl.LightningModule):
 
 class RowWriter(BasePredictionWriter):
     """Streams each step's rows to the results file (rank 0 alone) or to a shard per rank, and
-    prints one line per image."""
+    prints one line per image. With several systems from shared draws (CertificationModule's
+    `shared`), a step gives one list of rows per system, written to `results[i]` except the
+    images `done[i]` holds already (each file resumes on its own)."""
 
-    def __init__(self, results: ResultsFile, verbose: bool = True):
+    def __init__(self, results: ResultsFile | list[ResultsFile], verbose: bool = True,
+                 done: list[set[int]] | None = None, names: list[str] | None = None):
         super().__init__(write_interval="batch")
-        self.results, self.verbose = results, verbose
-        self._part = None  # this rank's shard (multi-device runs), opened with its record
+        self.files = results if isinstance(results, list) else [results]
+        self.shared = isinstance(results, list)
+        self.done = done or [set() for _ in self.files]
+        self.names = names or [f.settings.get("system", "") for f in self.files]
+        self.verbose = verbose
+        self._parts: list | None = None  # this rank's shards (multi-device runs), with records
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx,
                            dataloader_idx=0):
-        if trainer.world_size > 1 and self._part is None:
-            self._part = self.results.open_part(trainer.global_rank)
-        self.results.append(prediction, self._part)
+        per_system = prediction if self.shared else [prediction]
+        if self._parts is None:
+            self._parts = [f.open_part(trainer.global_rank) if trainer.world_size > 1 else None
+                           for f in self.files]
+        for f, part, rows, done in zip(self.files, self._parts, per_system, self.done):
+            if todo := [r for r in rows if r["idx"] not in done]:
+                f.append(todo, part)
         if self.verbose:
-            for r in prediction:
-                rad = f" radius {r['radius']:.3f}" if "radius" in r else ""
-                nr = f" n_R {r['n_R']}" if "n_R" in r else ""
-                counts = f"  n_A {r.get('n_A', '')}{nr}" if "n_A" in r else ""
-                adv = (f"  attacked {r['attacked_predict']:>2} (|δ| {r['perturbation_norm']:.3f})"
-                       if "attacked_predict" in r else "")
-                print(f"[certify] idx {r['idx']:>5}  label {r['label']}  predict {r['predict']:>2}"
-                      f"{rad}  correct {r['correct']}{counts}{adv}  "
-                      f"{r['time']:.2f}s/img", flush=True)
+            for i, r in enumerate(per_system[0]):
+                parts = [self._line(rows[i], name if self.shared else "")
+                         for rows, name in zip(per_system, self.names)]
+                print(f"[certify] idx {r['idx']:>5}  label {r['label']}  " + " | ".join(parts)
+                      + f"  {r['time']:.2f}s/img", flush=True)
+
+    @staticmethod
+    def _line(r: dict, name: str) -> str:
+        rad = f" radius {r['radius']:.3f}" if "radius" in r else ""
+        nr = f" n_R {r['n_R']}" if "n_R" in r else ""
+        counts = f"  n_A {r.get('n_A', '')}{nr}" if "n_A" in r else ""
+        adv = (f"  attacked {r['attacked_predict']:>2} (|δ| {r['perturbation_norm']:.3f})"
+               if "attacked_predict" in r else "")
+        return (f"{name + ': ' if name else ''}predict {r['predict']:>2}{rad}  "
+                f"correct {r['correct']}{counts}{adv}")
 
     def on_predict_end(self, trainer, pl_module):
         if trainer.world_size > 1:
             trainer.strategy.barrier()
             if trainer.is_global_zero:
-                self.results.merge_parts()
+                for f in self.files:
+                    f.merge_parts()
