@@ -12,8 +12,14 @@ install: ## Create .venv and install the package with the pinned CI stack (torch
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c requirements/ci-constraints.txt -e ".[dev]"
 
-demo: install ## Install, then the whole pipeline on the embedded CIFAR-10 subset (CPU, about 6 min)
+demo: install ## Install, then the main job from the given networks on the embedded data (CPU, ~2.5 min; SIGMA=0.5)
 	PY=$(PY) bash scripts/demo.sh
+
+demo-full: install ## The whole pipeline, training f and D too (CPU, ~20 min)
+	PY=$(PY) bash scripts/demo_full.sh
+
+given: install ## Make the demo's given networks again, into dsr_lightning/pretrained_models (CPU, ~6 min)
+	PY=$(PY) bash scripts/make_given.sh
 
 test: install ## Run the test suite: the fast loop and the tests that launch a process (CPU only)
 	$(PY) -m pytest -q -m "not slow"
@@ -40,4 +46,4 @@ bench: ## Speed benchmarks on this machine (engine vs reference loop; training t
 clean: ## Remove run outputs (keeps .venv)
 	rm -rf outputs multirun .pytest_cache .ruff_cache
 
-.PHONY: help install demo test test-fast test-slow wheel-check lint report bench clean
+.PHONY: help install demo demo-full given test test-fast test-slow wheel-check lint report bench clean

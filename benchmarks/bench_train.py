@@ -41,8 +41,9 @@ CL = torch.channels_last
 def build(config: str, T: int, denoiser: str | None = None):
     """f, D (frozen, eval) and a fresh rejector from the config tree: paper = the train.yaml
     defaults (ResNet-110, DnCNN 17x64, ResNet-34-like rejector 3-4-6-3 width 64; `denoiser`: another
-    denoiser option, e.g. memnet); tiny = experiment=tiny."""
-    over = [f"T={T}"] + (["experiment=tiny"] if config == "tiny" else [])
+    denoiser option, e.g. memnet); demo, tiny = experiment=demo, experiment=tiny (random weights:
+    the time does not depend on them)."""
+    over = [f"T={T}"] + ([f"experiment={config}"] if config != "paper" else [])
     cfg = compose("train", over + ([f"denoiser={denoiser}"] if denoiser else []))
     f = freeze(build_fresh("classifier", cfg.classifier))
     d = freeze(build_fresh("denoiser", cfg.denoiser))
@@ -101,7 +102,7 @@ def timed(steps_by_path: dict, warmup: int, steps: int, device: torch.device) ->
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--config", choices=["paper", "tiny"], default="paper")
+    ap.add_argument("--config", choices=["paper", "demo", "tiny"], default="paper")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--batch", type=int, default=None, help="clean images per step "
                     "(default: 64 on cuda, 2 on cpu)")
@@ -112,6 +113,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps (default: 5 cuda, 1 cpu)")
     ap.add_argument("--images", type=int, default=50_000, help="images per epoch (CIFAR-10 train)")
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast for ours")
+    ap.add_argument("--both-precisions", action="store_true",
+                    help="time ours in fp32 and in bf16 autocast, step by step in one run")
     ap.add_argument("--channels-last", action="store_true", help="channels_last for ours")
     ap.add_argument("--no-naive", action="store_true", help="skip the naive reference")
     ap.add_argument("--seed", type=int, default=0)
@@ -149,17 +152,22 @@ def main() -> None:
         "_target_": "torch.optim.Adam", "_partial_": True, "lr": 1e-4}}]}).to(device).train()
     opt = torch.optim.Adam(r.parameters(), lr=1e-4)  # the paper's first phase
     dm = SmoothingDataModule(sigma=a.sigma, T=a.T)
-    tag = "ours (noise on device, f(x) once/image" + (", bf16" if a.bf16 else "") + \
-        (", channels_last" if a.channels_last else "") + ")"
-    paths = {tag: lambda: ours_step(task, opt, dm, x, y, a.bf16, a.channels_last), **paths}
+    ours = {}
+    for bf16 in ((False, True) if a.both_precisions else (a.bf16,)):
+        tag = "ours (noise on device, f(x) once/image" + (", bf16" if bf16 else "") + \
+            (", channels_last" if a.channels_last else "") + ")"
+        ours[tag] = lambda bf16=bf16: ours_step(task, opt, dm, x, y, bf16, a.channels_last)
+    paths = {**ours, **paths}
     rows = list(timed(paths, warmup, steps, device).items())
 
     print(f"\n{'path':<62} {'s/step':>8} {'samples/s':>10} {'s/epoch':>10}")
     for name, sec in rows:
         rate = B * a.T / sec
         print(f"{name:<62} {sec:8.3f} {rate:10.1f} {a.images * a.T / rate:10.0f}")
-    if len(rows) == 2:
+    if len(rows) == 2 and not a.both_precisions:
         print(f"\nspeed-up ours / naive: {rows[1][1] / rows[0][1]:.2f}x")
+    if a.both_precisions:
+        print(f"\nspeed-up bf16 / fp32: {rows[0][1] / rows[1][1]:.2f}x")
     print(f"s/epoch is an EXTRAPOLATION from {steps} measured steps of {B * a.T} samples on "
           f"{device.type} to {a.images} images x T={a.T} (data loading and validation excluded).")
 

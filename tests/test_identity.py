@@ -294,3 +294,29 @@ def test_one_pass_misuse(tiny_pretrained, rejector, tmp_path, args, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         certify_tiny(tiny_pretrained, rejector, tmp_path, *args)
     assert not list(tmp_path.glob("*.tsv"))
+
+
+def test_the_training_job_certifies_randomized_smoothing_too(tiny_pretrained, tmp_path):
+    """certify.systems=[rejection,denoised,plain]: f_R and its baseline in one pass, and the
+    job's classifier trained with noise σ (classifier.noise_sd=σ, its own file) by randomized
+    smoothing, each into its own results file."""
+    import shutil
+
+    root = tmp_path / "pretrained"
+    shutil.copytree(tiny_pretrained.root, root)
+    noisy = Path(str(tiny_pretrained.classifier).replace(str(tiny_pretrained.root), str(root))
+                 .replace("noise_0.00", "noise_0.25"))
+    noisy.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(tiny_pretrained.classifier, noisy)  # stands in for a noise-trained copy
+    try:
+        res = train(compose_tiny(tmp_path / "run", [
+            f"pretrained_root={root}", "sigma=0.25", *REJECTOR_RUN, "certify=quick",
+            "certify.systems=[rejection,denoised,plain]", "certify.N=50", "certify.max=3"]))
+    finally:
+        HydraConfig.instance().cfg = None
+    cert = res["certification"]
+    assert list(cert) == ["rejection", "denoised", "plain"]
+    rec = json.loads(Path(cert["plain"]["file"] + ".json").read_text())
+    assert rec["system"] == "plain" and rec["files"]["classifier"] == str(noisy)
+    assert set(rec["networks"]) == {"classifier"}
+    assert len(pd.read_csv(cert["plain"]["file"], sep="\t")) == 3

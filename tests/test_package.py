@@ -127,7 +127,7 @@ def test_wrong_types_are_refused_when_composing(override, key):
     ("rejector.threshold=maybe", "rejector.threshold=maybe"),
     ("certify=quick certify.N0=200", "certify.N0=200 > certify.N=100"),
     ("certify=quick certify.max=-2", "certify.max=-2: must be an integer >= 0"),
-    ("certify=quick certify.systems=[plain]", "certify.systems[...]='plain': choose one of"),
+    ("certify=quick certify.systems=[cohen]", "certify.systems[...]='cohen': choose one of"),
     ("certify=quick certify.mode=predict", "certify.mode=predict: the training job certifies"),
     ("rejector.pos_weight=-1", "rejector.pos_weight=-1.0: must be a finite number > 0"),
     ("rejector.focal_gamma=-1", "rejector.focal_gamma=-1.0: must be a finite number >= 0"),

@@ -64,6 +64,36 @@ def data_tag(path, stem: bool = False) -> str:
     return path_tag(path, stem=bool(stem))
 
 
+def given() -> str:
+    """`${given:}`: the folder of the networks shipped inside the package (the demo's f, its
+    noise-trained copies and the small denoisers, in the published layout: jobs/given.py)."""
+    return str(Path(__file__).resolve().parent.parent / "pretrained_models")
+
+
+def interactive() -> bool:
+    """`${interactive:}`: whether the output is a terminal (a progress bar redraws in place there;
+    in a log file it prints nothing or a line of carriage returns)."""
+    import sys
+
+    return sys.stdout.isatty()
+
+
+def bf16_here() -> bool:
+    """`${bf16_here:}`: whether bf16 autocast pays on this machine: a CUDA GPU with bf16, or a CPU
+    with bf16 instructions (avx512_bf16 or AMX; elsewhere a CPU emulates bf16, slower than fp32)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, p, lambda: False)() for p in probes)
+
+
+def bf16_precision() -> str:
+    """`${bf16_precision:}`: Lightning's precision where bf16 pays (bf16_here), else fp32."""
+    return "bf16-mixed" if bf16_here() else "32-true"
+
+
 def stem(path) -> str:
     """`${stem:${classifier.path}}`: a file's name without its suffixes."""
     return Path(str(path)).name.split(".")[0] if path else "none"
@@ -128,7 +158,10 @@ def unique_name(base: str) -> str:
 
 
 for _name, _fn in (("fmt2", fmt2), ("first", first), ("tag", tag), ("safe_name", safe_name),
-                   ("basename", basename), ("data_tag", data_tag), ("stem", stem), ("leaf", leaf),
+                   ("basename", basename), ("data_tag", data_tag), ("given", given),
+                   ("interactive", interactive), ("bf16_here", bf16_here),
+                   ("bf16_precision", bf16_precision),
+                   ("stem", stem), ("leaf", leaf),
                    ("run_dir", run_dir), ("record_dir", record_dir),
                    ("sweep_group", sweep_group), ("unique_name", unique_name)):
     if not OmegaConf.has_resolver(_name):

@@ -396,7 +396,7 @@ def check_train(cfg: DictConfig) -> None:
             raise ConfigError("certify=... certifies the trained rejector's checkpoint: keep the "
                               "model_checkpoint or last callback (callbacks=default)")
         for s in cfg.certify.systems:
-            _choice("certify.systems[...]", s, ("rejection", "denoised"))
+            _choice("certify.systems[...]", s, ("rejection", "denoised", "plain"))
         check_certify_settings(cfg.certify, "certify.")
         if cfg.certify.mode != "certify":
             raise ConfigError(f"certify.mode={cfg.certify.mode}: the training job certifies with "

@@ -341,7 +341,7 @@ def certify(cfg: DictConfig, adopt: bool = True) -> dict:
     for c in systems:
         print(f"certify: {c.system}" + (f" (threshold {c.built['threshold']:g})"
                                         if c.built["threshold"] is not None else "") + ": "
-              + ", ".join(f"{role} {fp['recipe'].get('name') or ''} #{fp['id']}"
+              + ", ".join(f"{role} {fp['recipe'].get('name') or ''}#{fp['id']}"
                           for role, fp in c.built["networks"].items()) + f" -> {c.path}",
               flush=True)
     shared = [(c.built["threshold"] if c.system == "rejection" else None, c.spec.bound)
@@ -375,10 +375,10 @@ def certify(cfg: DictConfig, adopt: bool = True) -> dict:
             print(f"certify: {sum(i not in d for i in todo)} images to go ({len(d)} already in "
                   f"{f.path})", flush=True)
         if todo:
-            trainer.callbacks.append(RowWriter(files, done=done, names=[
+            trainer.callbacks.append(RowWriter(files, done=done, total=len(todo), names=[
                 c.system if c.built["threshold"] is None or len(systems) == 1
-                else f"{c.system} t={c.built['threshold']:g}" for c in systems])
-                if shared else RowWriter(files[0]))
+                else f"{c.system} t={c.built['threshold']:.3g}" for c in systems])
+                if shared else RowWriter(files[0], total=len(todo)))
             with stop_on_signals(lambda what: _stopped(what, files)):
                 trainer.predict(CertificationModule(system, spec, dataset, todo, shared),
                                 return_predictions=False)
@@ -459,6 +459,10 @@ def job_config(train_cfg: DictConfig, system: str, rejector_ckpt: str | None,
         cfg.wait = True  # a shared baseline being written by another job: wait, then resume it
         if system != "rejection":
             cfg.bound = "cohen"  # certify.bound (e.g. runner_up) is the rejection system's
+        if system == "plain":  # randomized smoothing: the job's classifier trained with noise σ
+            node = OmegaConf.to_container(train_cfg.classifier, resolve=False)
+            cfg.classifier = OmegaConf.merge(OmegaConf.structured(ClassifierConfig), node)
+            cfg.classifier.noise_sd = tc["sigma"]  # its path follows (the published layout)
         trainer = tc["trainer"]
         cfg.trainer = {"_target_": "pytorch_lightning.Trainer",
                        "accelerator": trainer.get("accelerator", "auto"), "devices": 1,
@@ -472,7 +476,8 @@ def job_config(train_cfg: DictConfig, system: str, rejector_ckpt: str | None,
 def certify_after_fit(train_cfg: DictConfig, rejector_ckpt: str, outdir: Path,
                       wandb_runs: list) -> dict:
     """train.py certify=...: certify the trained f_R and each other system of certify.systems
-    (the denoised baseline: the checkpoint's own classifier and denoiser, no rejector) on the same
+    (denoised: the checkpoint's own classifier and denoiser, no rejector; plain: randomized
+    smoothing of the job's classifier trained with noise σ, classifier.noise_sd=σ) on the same
     images and noise, through certify(): in one pass, the baseline's counts (and those of f_R at
     certify.thresholds) derived from f_R's draws (DESIGN §8.2). Logs each to the job's W&B run.
     Returns {system: summary} (`rejection@<t>` for the other thresholds)."""
@@ -483,18 +488,21 @@ def certify_after_fit(train_cfg: DictConfig, rejector_ckpt: str, outdir: Path,
     # <sweep>/baselines: the first job writes it, the others wait for the lock and find it done.
     shared = sweep_dir() / "baselines" if is_multirun() else outdir
     systems = list(train_cfg.certify.systems)
+    results = []
     if "rejection" in systems:
         cfg = job_config(train_cfg, "rejection", str(rejector_ckpt), outdir)
         with open_dict(cfg):
             cfg.baseline, cfg.baseline_outdir = "denoised" in systems, str(shared)
         res = certify(cfg, adopt=False)
-        results = [res, *res["also"]]
-    else:  # the baseline alone
-        results = [certify(job_config(train_cfg, "denoised", str(rejector_ckpt), shared),
-                           adopt=False)]
+        results += [res, *res["also"]]
+    elif "denoised" in systems:  # the baseline alone
+        results.append(certify(job_config(train_cfg, "denoised", str(rejector_ckpt), shared),
+                               adopt=False))
+    if "plain" in systems:  # randomized smoothing of the noise-trained classifier: other draws
+        results.append(certify(job_config(train_cfg, "plain", None, shared), adopt=False))
     out = {}
     for i, res in enumerate(results):
-        key = res["system"] if i == 0 or res["threshold"] is None \
+        key = res["system"] if i == 0 or res["system"] != "rejection" \
             else f"rejection@{res['threshold']:g}"
         out[key] = {"file": res["outfile"], "acr": res["acr"], "acc": res["acc"],
                     "table": res["table"]}

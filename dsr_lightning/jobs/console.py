@@ -7,8 +7,11 @@ from __future__ import annotations
 import logging
 import warnings
 
-# Lightning's advertisements for its cloud products (rank_zero_info, once per Trainer)
-_ADVERTS = ("💡 Tip:",)
+# Lightning's info lines that say nothing to our users: advertisements for its cloud products,
+# the accelerators it did not find (once per Trainer), the seed and the end of fit (the job prints
+# its seed in its config and says itself how training went)
+_ADVERTS = ("💡 Tip:", "GPU available:", "TPU available:", "HPU available:", "IPU available:",
+            "`Trainer.fit` stopped:", "Seed set to")
 _WARNINGS = (
     # Lightning's own pytree helper calling a deprecated torch API: nothing a user can change
     r".*isinstance\(treespec, LeafSpec\)` is deprecated",
@@ -24,7 +27,8 @@ class _DropAdverts(logging.Filter):
 
 def quiet_third_party() -> None:
     """Install the filters (idempotent)."""
-    for name in ("pytorch_lightning.utilities.rank_zero", "lightning.pytorch.utilities.rank_zero"):
+    for name in ("pytorch_lightning.utilities.rank_zero", "lightning.pytorch.utilities.rank_zero",
+                 "lightning_fabric.utilities.seed", "lightning.fabric.utilities.seed"):
         log = logging.getLogger(name)
         if not any(isinstance(f, _DropAdverts) for f in log.filters):
             log.addFilter(_DropAdverts())

@@ -20,13 +20,18 @@ from dsr_lightning.smoothing.threshold import estimate
 
 def select(system: SmoothingSystem, val, settings: dict, device) -> dict:
     """The threshold for f_R's current weights, on validation draws. settings: images, draws,
-    batch, N, alpha, bound, objective, radius, sigma, seed (selection_settings)."""
+    batch, N, alpha, bound, objective, radius, sigma, seed, bf16 (selection_settings: the draws
+    in bf16 autocast when certification uses it, so the threshold is chosen on the logits it is
+    applied to)."""
     rej = system.rejector
     mode = rej.training
     rej.eval()
+    # the logits as certification computes them (certify.bf16): the threshold applies to those
+    bf16 = bool(settings.get("bf16")) and torch.device(device).type in ("cuda", "cpu")
     try:
-        draws = collect_draws(system, val, settings["images"], settings["draws"],
-                              settings["sigma"], settings["batch"], settings["seed"], device)
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
+            draws = collect_draws(system, val, settings["images"], settings["draws"],
+                                  settings["sigma"], settings["batch"], settings["seed"], device)
     finally:
         rej.train(mode)
     choice = choose_threshold(draws, system.num_classes, settings["sigma"], settings["N"],
@@ -47,7 +52,8 @@ def selection_settings(cfg) -> dict | None:
             "N": int(sel.N if sel.N is not None else cfg.certify.N),
             "alpha": float(sel.alpha if sel.alpha is not None else cfg.certify.alpha),
             "bound": cfg.certify.bound or "paper", "objective": sel.objective,
-            "radius": float(sel.radius), "sigma": float(cfg.sigma), "seed": int(cfg.seed)}
+            "radius": float(sel.radius), "sigma": float(cfg.sigma), "seed": int(cfg.seed),
+            "bf16": bool(cfg.certify.bf16)}
 
 
 def choose_for_checkpoints(task, val, settings: dict, paths) -> dict | None:

@@ -373,14 +373,19 @@ class RowWriter(BasePredictionWriter):
     images `done[i]` holds already (each file resumes on its own)."""
 
     def __init__(self, results: ResultsFile | list[ResultsFile], verbose: bool = True,
-                 done: list[set[int]] | None = None, names: list[str] | None = None):
+                 done: list[set[int]] | None = None, names: list[str] | None = None,
+                 total: int | None = None):
         super().__init__(write_interval="batch")
         self.files = results if isinstance(results, list) else [results]
         self.shared = isinstance(results, list)
         self.done = done or [set() for _ in self.files]
         self.names = names or [f.settings.get("system", "") for f in self.files]
-        self.verbose = verbose
+        self.verbose, self.total = verbose, total
         self._parts: list | None = None  # this rank's shards (multi-device runs), with records
+        self._seen, self._t0 = 0, None
+
+    def on_predict_start(self, trainer, pl_module) -> None:
+        self._t0 = time.perf_counter()
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx,
                            dataloader_idx=0):
@@ -393,10 +398,20 @@ class RowWriter(BasePredictionWriter):
                 f.append(todo, part)
         if self.verbose:
             for i, r in enumerate(per_system[0]):
+                self._seen += 1
                 parts = [self._line(rows[i], name if self.shared else "")
                          for rows, name in zip(per_system, self.names)]
-                print(f"[certify] idx {r['idx']:>5}  label {r['label']}  " + " | ".join(parts)
-                      + f"  {r['time']:.2f}s/img", flush=True)
+                print(f"[certify]{self._progress(trainer)} idx {r['idx']:>5}  label {r['label']}  "
+                      + " | ".join(parts) + f"  {r['time']:.2f}s/img", flush=True)
+
+    def _progress(self, trainer) -> str:
+        """' 12/100 (~3.1 min left)': this process's images so far, of its share of the run."""
+        if not self.total or self._t0 is None:
+            return ""
+        total = -(-self.total // max(1, trainer.world_size))
+        left = (time.perf_counter() - self._t0) / self._seen * max(0, total - self._seen)
+        when = f"{left / 60:.1f} min" if left >= 90 else f"{left:.0f} s"
+        return f" {self._seen}/{total} (~{when} left)"
 
     @staticmethod
     def _line(r: dict, name: str) -> str:
