@@ -22,10 +22,8 @@ import time
 import numpy as np
 import torch
 
-from dsr_lightning.config import compose
 from dsr_lightning.data import CIFAR10SubsetDataModule
-from dsr_lightning.jobs.networks import build_fresh, load_frozen
-from dsr_lightning.models import SmoothingSystem, freeze
+from dsr_lightning.models import Classifier, DnCNN, Rejector, ResNet, SmoothingSystem, freeze
 from dsr_lightning.models.system import SharedDraws
 from dsr_lightning.smoothing import ImageNoise, SmoothedClassifier
 from dsr_lightning.tasks.prediction import AcceleratedSystem
@@ -34,16 +32,18 @@ from dsr_lightning.tasks.prediction import AcceleratedSystem
 def build(kind: str) -> SmoothingSystem:
     """demo: the given ResNet-8 f and 5x16 DnCNN (σ = 0.25) with the demo's rejector (random
     weights: the time does not depend on them); paper: ResNet-110, DnCNN 17x64, the ResNet-34-like
-    rejector (random weights)."""
+    rejector (random weights; built directly, no config needed)."""
+    if kind == "paper":
+        f, d = Classifier(ResNet(110)), DnCNN(depth=17, n_channels=64)
+        r = Rejector(10, f.feature_channels)
+        return SmoothingSystem(freeze(f), freeze(d), freeze(r), threshold=0.0).eval()
     from hydra.utils import instantiate
 
-    cfg = compose("train", ["experiment=demo"] if kind == "demo" else [],
-                  return_hydra_config=False)
-    if kind == "demo":
-        f, d = load_frozen("classifier", cfg.classifier), load_frozen("denoiser", cfg.denoiser)
-    else:
-        f = freeze(build_fresh("classifier", cfg.classifier))
-        d = freeze(build_fresh("denoiser", cfg.denoiser))
+    from dsr_lightning.config import compose
+    from dsr_lightning.jobs.networks import load_frozen
+
+    cfg = compose("train", ["experiment=demo"], return_hydra_config=False)
+    f, d = load_frozen("classifier", cfg.classifier), load_frozen("denoiser", cfg.denoiser)
     r = instantiate(cfg.rejector.net)(num_classes=f.num_classes, feature_channels=f.feature_channels)
     return SmoothingSystem(f, d, freeze(r), threshold=0.0).eval()
 
@@ -62,6 +62,7 @@ def main() -> None:
     ap.add_argument("--channels-last", action="store_true")
     ap.add_argument("--compile", action="store_true", help="torch.compile the networks")
     ap.add_argument("--repeats", type=int, default=2, help="timed runs per path (best reported)")
+    ap.add_argument("--paths", default="separate,one", help="which paths: separate, one, or both")
     a = ap.parse_args()
     device = torch.device(a.device)
     torch.manual_seed(0)
@@ -76,7 +77,9 @@ def main() -> None:
         return acc, SmoothedClassifier(acc, acc.num_classes, a.sigma)
 
     draws = SharedDraws(full, [0.0])
-    rej, den, one = engine(full), engine(base), engine(draws)
+    want = set(a.paths.split(","))
+    rej, den = (engine(full), engine(base)) if "separate" in want else (None, None)
+    one = engine(draws) if "one" in want else None
 
     def separate(bf16: bool):
         counts = []
@@ -94,15 +97,17 @@ def main() -> None:
     paths = {}
     for bf16 in precisions:
         p = "bf16" if bf16 else "fp32"
-        paths[f"separate passes, {p}"] = (lambda bf16=bf16: separate(bf16))
-        paths[f"one pass, {p}"] = (lambda bf16=bf16: shared(bf16))
+        if rej is not None:
+            paths[f"separate passes, {p}"] = (lambda bf16=bf16: separate(bf16))
+        if one is not None:
+            paths[f"one pass, {p}"] = (lambda bf16=bf16: shared(bf16))
     dev = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"system {a.system} on {dev} ({torch.get_num_threads()} threads), torch "
           f"{torch.__version__}: {a.images} images, N0={a.n0}, N={a.n}, batch {a.batch}"
           f"{', channels_last' if a.channels_last else ''}{', compiled' if a.compile else ''}")
     for name, run in paths.items():  # warm-up (and compilation), and the same counts both ways
         out = run()
-        if name.startswith("one pass"):
+        if name.startswith("one pass") and rej is not None:
             same = all(np.array_equal(u, v) for u, v in zip(out, paths[name.replace(
                 "one pass", "separate passes")]()))
             print(f"{name}: counts identical to the separate passes: {same}")

@@ -11,7 +11,7 @@ DEST=${DEST:-dsr_lightning/pretrained_models}
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
-common=(experiment=demo "pretrained_root=$WORK/out" data.num_workers=0)
+common=(experiment=demo "pretrained_root=$WORK/out" data.num_workers=0 trainer.precision=32-true)
 made=()
 train() { local name=$1; shift
           echo "=== $name: train.py $*"
