@@ -76,7 +76,7 @@ def main() -> None:
         acc = AcceleratedSystem(module, False, a.channels_last, a.compile)
         return acc, SmoothedClassifier(acc, acc.num_classes, a.sigma)
 
-    draws = SharedDraws(full, [0.0])
+    draws = SharedDraws(full, [0.0]).to(device)
     want = set(a.paths.split(","))
     rej, den = (engine(full), engine(base)) if "separate" in want else (None, None)
     one = engine(draws) if "one" in want else None

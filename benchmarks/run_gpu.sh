@@ -34,7 +34,7 @@ run cert_stream 90 $PY "${E[@]}" --batch 4000 --bf16 --channels-last --no-refere
 run cert_compile 200 $PY "${E[@]}" --batch 4000 --bf16 --channels-last --no-reference --compile
 # one pass for f_R and its denoised baseline against a pass each (DESIGN §8.2), N = 10,000;
 # system-images/s counts a pass certifying two systems twice
-S=(benchmarks/bench_shared.py --system paper --device cuda --images 40 --n 10000 --bf16 --no-fp32
+S=(benchmarks/bench_shared.py --system paper --device cuda --images 30 --n 10000 --bf16 --no-fp32
    --channels-last --repeats 2)
 run shared 240 $PY "${S[@]}" --batch 4000
 run shared_compile 300 $PY "${S[@]}" --batch 4000 --paths one --compile

@@ -147,7 +147,8 @@ class SharedDraws(nn.Module):
     def forward(self, noisy: torch.Tensor) -> torch.Tensor:
         out = self.system.outputs(noisy)
         pred, heads = out["pred"], out["head_logits"].detach()
-        b = (consulted(heads, pred)[:, None] > self.edges[None, :]).sum(1)  # (B,) thresholds passed
+        edges = self.edges.to(heads.device)  # (M,) a no-op where the module was moved with them
+        b = (consulted(heads, pred)[:, None] > edges[None, :]).sum(1)  # (B,) thresholds passed
         cell = pred * (self.m + 1) + b
         return torch.where(finite_draws(out["logits"], heads, pred), cell,
                            torch.full_like(cell, INVALID))
