@@ -15,7 +15,7 @@ install: ## Create .venv and install the package with the pinned CI stack (torch
 demo: install ## Install, then the main job from the given networks on the embedded data (CPU, ~2.5 min; SIGMA=0.5)
 	PY=$(PY) bash scripts/demo.sh
 
-demo-full: install ## The whole pipeline, training f and D too (CPU, ~20 min)
+demo-full: install ## The whole pipeline, training f and D too (CPU, ~5 min after the install)
 	PY=$(PY) bash scripts/demo_full.sh
 
 given: install ## Make the demo's given networks again, into dsr_lightning/pretrained_models (CPU, ~6 min)

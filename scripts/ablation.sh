@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The rejector ablation of the README on the demo's networks at one sigma: denoised smoothing
 # against the rejection system with the threshold at 0 and chosen for certification (auto), for
-# each rejector training variant; then the report. Trains the demo's classifier and denoiser for
-# SIGMA first where they are missing (as scripts/demo.sh does). CPU, about 12 minutes per sigma.
+# each rejector training variant; then the report. Uses the given networks shipped in the package
+# (ROOT=<folder> for others: the classifier and denoiser for SIGMA are trained there first where
+# they are missing). CPU, about 12 minutes per sigma.
 #   SIGMA=0.5 bash scripts/ablation.sh
 set -euo pipefail
 PY=${PY:-.venv/bin/python}
@@ -15,7 +16,7 @@ VARIANTS=${VARIANTS:-"bce:rejector.pos_weight=1 pos0.5:rejector.pos_weight=0.5 \
 correct3:rejector.pos_weight=1,rejector.correct_weight=3 focal2:rejector.pos_weight=1,rejector.focal_gamma=2"}
 
 s=$("$PY" -c "print(f'{float($SIGMA):.2f}')")
-ROOT="$OUT/pretrained_models"
+ROOT=${ROOT:-$("$PY" -c "from dsr_lightning.config import given; print(given())")}
 AB="$OUT/ablation_s$s"
 common=(experiment=demo "sigma=$SIGMA" "pretrained_root=$ROOT")
 step() { echo; echo "=== $* ==="; }

@@ -1,12 +1,11 @@
 #!/usr/bin/env bash
 # The README's "Sweeps and dashboards" example on the embedded subset: rejectors for sigma in
 # {0.25, 0.5} x T in {1, 2}, each certified in its job (certify=quick) with its denoised baseline,
-# on one W&B group (offline), then the report of the whole sweep. Needs the demo's classifier and
-# denoisers for both sigmas under $ROOT (scripts/demo.sh with SIGMA=0.25 and SIGMA=0.5, or
-# scripts/ablation.sh, make them). CPU, about 20 minutes.
+# on one W&B group (offline), then the report of the whole sweep. Uses the given networks shipped in
+# the package for both sigmas (ROOT=<folder> for others). CPU, about 20 minutes.
 set -euo pipefail
 PY=${PY:-.venv/bin/python}
-ROOT=${ROOT:-outputs/demo/pretrained_models}
+ROOT=${ROOT:-$("$PY" -c "from dsr_lightning.config import given; print(given())")}
 SWEEP=${SWEEP:-outputs/sweep_demo}
 start=$(date +%s)
 "$PY" train.py -m experiment=demo sigma=0.25,0.5 T=1,2 optim=adam optim.epochs=4 \
