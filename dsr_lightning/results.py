@@ -65,7 +65,7 @@ REQUIRED_COLUMNS = ("idx", "label", "predict", "radius", "correct")  # what repo
 # these; skip, max, batch and images_per_step choose which images and how fast, not their
 # numbers); then what was certified: the system, the noise streams and device type, the data's
 # content fingerprint, each network as built (`networks`: {role: {id, recipe}}, compared by id and
-# by the probe outputs, models.fingerprint) and the threshold.
+# by the probe outputs within identity.tolerance) and the threshold.
 SPEC_KEYS = ("mode", "sigma", "N0", "N", "alpha", "bound", "split", "seed", "bf16",
              "channels_last", "compile", "radius", "stages", "stage_weights", "attack_steps",
              "attack_draws", "attack_step_size")
@@ -206,15 +206,15 @@ def identity_of(settings: dict, drop=()) -> dict:
     out = {k: settings.get(k) for k in IDENTITY_KEYS if k != "networks" and k not in drop}
     out["networks"] = {r: i for r, i in network_ids(settings).items()
                        if f"networks.{r}" not in drop and "networks" not in drop}
-    for k in ("classifier_sha256", "denoiser_sha256", "rejector_sha256"):  # format 2
-        if settings.get(k) is not None and k.split("_")[0] not in {d.split(".")[-1] for d in drop}:
-            out[k] = settings[k]
+    for role in ("classifier", "denoiser", "rejector"):  # format 2: the weights files' hashes
+        if settings.get(f"{role}_sha256") is not None and f"networks.{role}" not in drop:
+            out[f"{role}_sha256"] = settings[f"{role}_sha256"]
     return jsonable(out)
 
 
 def _network_diff(old, new) -> list[str]:
     """How two records' networks differ: another network (id), or the same recipe and weights
-    computing other outputs now (the probe, within models.fingerprint's tolerance)."""
+    computing other outputs now (the probe, within identity.tolerance)."""
     old, new = old or {}, new or {}
     out = []
     for role in sorted(set(old) | set(new)):

@@ -320,3 +320,24 @@ def test_the_training_job_certifies_randomized_smoothing_too(tiny_pretrained, tm
     assert rec["system"] == "plain" and rec["files"]["classifier"] == str(noisy)
     assert set(rec["networks"]) == {"classifier"}
     assert len(pd.read_csv(cert["plain"]["file"], sep="\t")) == 3
+
+
+def test_randomized_smoothing_in_the_job_is_checked_before_training(tiny_pretrained, tmp_path):
+    """certify.systems with plain: a missing noise-trained classifier, or a classifier whose file
+    does not follow classifier.noise_sd, is one ConfigError before any epoch (no checkpoint)."""
+    weights = tmp_path / "scaled.pt"
+    torch.save(ScaledNet().state_dict(), weights)
+    module = ["classifier=module", "classifier.net._target_=helpers.ScaledNet",
+              f"classifier.path={weights}", "classifier.mean=[0,0,0]", "classifier.std=[1,1,1]"]
+    cases = [([], r"classifier checkpoint not found: .*noise_0\.25"),
+             (module, r"this classifier's file does not follow classifier.noise_sd")]
+    for i, (extra, message) in enumerate(cases):
+        out = tmp_path / f"run{i}"
+        try:
+            cfg = compose_tiny(out, [tiny_pretrained.override, "sigma=0.25", *REJECTOR_RUN,
+                                     "certify=quick", "certify.systems=[rejection,plain]", *extra])
+            with pytest.raises(ConfigError, match=message):
+                train(cfg)
+        finally:
+            HydraConfig.instance().cfg = None
+        assert not list(out.rglob("*.ckpt"))

@@ -473,6 +473,23 @@ def job_config(train_cfg: DictConfig, system: str, rejector_ckpt: str | None,
     return cfg
 
 
+def check_plain_before_fit(train_cfg: DictConfig, outdir: Path) -> None:
+    """certify.systems with `plain`: the classifier trained with noise σ must be there before the
+    rejector trains, not found missing after it; and it must be another file than the job's
+    classifier (a classifier whose file does not follow classifier.noise_sd, a torchvision or
+    module one, would be smoothed as it is: not Cohen et al.'s baseline). One ConfigError."""
+    if "plain" not in (train_cfg.certify.systems or []):
+        return
+    node = networks.node_dict(job_config(train_cfg, "plain", None, outdir).classifier)
+    if node.get("path") == train_cfg.classifier.get("path"):
+        raise ConfigError(
+            f"certify.systems=[...,plain] certifies randomized smoothing of the classifier trained "
+            f"with noise sigma={float(train_cfg.sigma):g}, but this classifier's file does not "
+            "follow classifier.noise_sd (it is the job's own classifier): drop plain here and run "
+            "certify.py system=plain classifier.path=<your noise-trained classifier> instead")
+    networks.check_path("classifier", node, None, needed=True)
+
+
 def certify_after_fit(train_cfg: DictConfig, rejector_ckpt: str, outdir: Path,
                       wandb_runs: list) -> dict:
     """train.py certify=...: certify the trained f_R and each other system of certify.systems

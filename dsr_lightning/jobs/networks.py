@@ -136,7 +136,7 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def _check_path(role: str, node: dict, sigma: float | None, needed: bool) -> Path | None:
+def check_path(role: str, node: dict, sigma: float | None, needed: bool) -> Path | None:
     """The node's weights file, checked: a folder or a missing file is one ConfigError saying
     how to get it; a denoiser's recorded σ must match (checked before any weight is read)."""
     if not node.get("path"):
@@ -306,7 +306,7 @@ def build(role: str, spec, *, data: DataFacts | None = None, sigma: float | None
             raise ConfigError(f"{role}.arch is not set (an architecture name: "
                               "cifar_resnet110, cifar_dncnn, ...)")
         if trained:
-            path = _check_path(role, node, sigma, needed=True)
+            path = check_path(role, node, sigma, needed=True)
             net, arch, kwargs = load_published(path, arch=node.get("arch"))
         else:
             kwargs = dict(node.get("arch_kwargs") or {})
@@ -323,7 +323,7 @@ def build(role: str, spec, *, data: DataFacts | None = None, sigma: float | None
             net = net.net
     elif source == "torchvision":
         k = node.get("num_classes") or (k_data if clf else None)
-        path = _check_path(role, node, sigma, needed=False) if trained else None
+        path = check_path(role, node, sigma, needed=False) if trained else None
         if trained and path is None and not node.get("weights"):
             raise ConfigError(f"{role}=torchvision: give the weights, {role}.path=<a state dict> "
                               f"or {role}.weights=DEFAULT (torchvision's, downloaded)")
@@ -338,7 +338,7 @@ def build(role: str, spec, *, data: DataFacts | None = None, sigma: float | None
                       weights=meta.name if meta is not None else None, kwargs=kwargs)
     elif source == "module":
         net = _module(node, role)
-        path = _check_path(role, node, sigma, needed=False) if trained else None
+        path = check_path(role, node, sigma, needed=False) if trained else None
         if path is not None:
             load_weights(net, path, node.get("strip_prefix"), what=role)
         elif trained and not quiet:
@@ -346,7 +346,7 @@ def build(role: str, spec, *, data: DataFacts | None = None, sigma: float | None
                   "(its own weights)", flush=True)
         recipe.update(net=node["net"])
     else:  # file
-        path = _check_path(role, node, sigma, needed=True)
+        path = check_path(role, node, sigma, needed=True)
         net = load_scripted(path, trust_pickle=bool(node.get("trust_pickle")), what=role)
         recipe.update(file_sha256=file_sha256(path), trust_pickle=bool(node.get("trust_pickle")))
     if trained and source in ("torchvision", "module") and node.get("path"):
@@ -445,19 +445,18 @@ def _device_of(net) -> torch.device:
 
 
 def fingerprint(role: str, recipe: dict) -> dict:
-    """What a results record holds of a network: its id (models.fingerprint.network_id) and its
-    recipe (with the weights' hash and the probe record)."""
+    """What a results record holds of a network: its id (identity.network_id) and its recipe
+    (with the weights' hash and the probe record)."""
     return {"id": network_id(role, recipe), "recipe": recipe}
 
 
-def verify(role: str, net: nn.Module, recipe: dict, where: str) -> dict:
+def verify(role: str, net: nn.Module, recipe: dict, where: str) -> None:
     """A rebuilt network against its recipe: its probe outputs must be the recorded ones (within
-    models.fingerprint's tolerance), else CheckpointError naming the network and the difference.
-    Returns the recipe with the probe record (taken now where none was recorded: a checkpoint of
-    an earlier release, whose rebuild then cannot be checked)."""
+    identity.tolerance), else CheckpointError naming the network and the difference. A recipe
+    without a probe (a checkpoint of an earlier release) cannot be checked: nothing is done."""
     recorded = recipe.get("probe")
     if not recorded:
-        return recipe
+        return
     now = probe(role, net, recipe, recorded["shape"], recorded.get("sigma"))
     diff = sketch_difference(recorded["sketch"], now["sketch"])
     tol = tolerance(recorded.get("device"), now["device"])
@@ -468,7 +467,6 @@ def verify(role: str, net: nn.Module, recipe: dict, where: str) -> dict:
             f"scale (tolerance {tol:g}). It holds state outside its weights (a buffer that is not "
             "saved, a random draw in its constructor), or its code or a constructor argument "
             "changed since; certify with the code and arguments it was trained with")
-    return recipe
 
 
 def check_unchanged(recorded: dict | None, now: dict, where: str) -> None:
@@ -547,8 +545,6 @@ def export(path: str | Path, role: str, module: nn.Module, recipe: dict, **extra
     other as {'state_dict', 'dsr_network': recipe} (loads with source=torchvision|module and
     path=<file>). Atomic (files.atomic_write): a failed write is one WriteError, the file that
     was there whole, no temporary file left."""
-    import torch
-
     from dsr_lightning.files import atomic_write
     from dsr_lightning.models import save_checkpoint
 
@@ -558,7 +554,9 @@ def export(path: str | Path, role: str, module: nn.Module, recipe: dict, **extra
                                arch_kwargs=recipe.get("arch_kwargs") or {}, **extra)
     inner = module.net if isinstance(module, Classifier) else module
     state = {k: v.detach().cpu() for k, v in inner.state_dict().items()}
-    ckpt = {"state_dict": state, "dsr_network": {"role": role, **recipe}, **extra}
+    # the recipe's probe and weights' hash are those of the network before this stage trained it
+    how = {k: v for k, v in recipe.items() if k not in ("probe", "state_sha256")}
+    ckpt = {"state_dict": state, "dsr_network": {"role": role, **how}, **extra}
     return atomic_write(path, lambda f: torch.save(ckpt, f), what="the network file")
 
 

@@ -45,7 +45,8 @@ def check_resume(cfg: DictConfig, ckpt_path: str) -> dict:
     """Checks `ckpt_path` against the composed config before anything is built. Returns
     {"epochs": epochs done, "in_place": whether the run continues in the checkpoint's own folder,
     "wandb": the W&B run record or None, "finished": no epoch left (allowed for a rejector run
-    with certify=...: its certification resumes)}. Raises ConfigError / CheckpointError."""
+    with certify=...: its certification resumes), "networks": the recipes it recorded}. Raises
+    ConfigError / CheckpointError."""
     path = Path(str(ckpt_path))
     if not path.exists():
         raise ConfigError(f"ckpt_path={path}: no such file (resume from <run>/checkpoints/last.ckpt)")
@@ -80,4 +81,4 @@ def check_resume(cfg: DictConfig, ckpt_path: str) -> dict:
     # a finished rejector run with certify=...: nothing to train, its certification (stopped
     # before it ended?) resumes from its results files
     return {"epochs": done, "in_place": here is not None and here.resolve() == run.resolve(),
-            "wandb": ckpt.wandb, "finished": finished}
+            "wandb": ckpt.wandb, "finished": finished, "networks": old.get("networks")}

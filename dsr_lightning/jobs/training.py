@@ -254,10 +254,14 @@ def _train(cfg: DictConfig, tcfg: DictConfig, manual: dict, out: Path) -> dict:
     run_config = to_dict(cfg)
     datamodule = instantiate(cfg.data)
     task, export = build_task(cfg, run_config, data_facts(datamodule))
+    if cfg.stage.name == "rejector" and cfg.certify.systems:
+        from dsr_lightning.jobs.certification import check_plain_before_fit
+
+        check_plain_before_fit(cfg, out / "results")
     if resumed:  # the networks built now from their files must be those the run was started with
-        recorded = RunCheckpoint.read(cfg.ckpt_path, weights=False).config.get("networks")
-        networks.check_unchanged(recorded, {r: n for r, n in run_config["networks"].items()
-                                            if cfg.stage.name != r}, f"ckpt_path={cfg.ckpt_path}")
+        networks.check_unchanged(resumed["networks"], {r: n for r, n in run_config["networks"].items()
+                                                       if cfg.stage.name != r},
+                                 f"ckpt_path={cfg.ckpt_path}")
     task.configure_manual_optimization(
         clip_val=manual.get("gradient_clip_val"),
         clip_algorithm=manual.get("gradient_clip_algorithm"),

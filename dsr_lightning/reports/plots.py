@@ -193,6 +193,9 @@ def plot_T_ablation(frame: pd.DataFrame, out_png) -> Path | None:
     if not groups:
         return None
     radii = frame.attrs["radii"]
+    # what sets the panels apart beyond σ and D, named in each title
+    differ = [c for c in ("classifier", "bound", "N", "mode")
+              if len({str(h.iloc[0].get(c)) for h in groups}) > 1]
     fig = Figure(figsize=(4.2 * len(groups), 3.6), layout="constrained")
     for i, g in enumerate(groups):
         ax = fig.add_subplot(1, len(groups), i + 1)
@@ -202,9 +205,7 @@ def plot_T_ablation(frame: pd.DataFrame, out_png) -> Path | None:
         for r in radii:
             ax.plot(g.index, g[radius_key(r)], marker="o", label=f"r = {r:g}")
         title = f"σ = {first['sigma']:g}, {first['denoiser']} ({first['objective']})"
-        differ = [c for c in ("classifier", "bound", "N", "mode")
-                  if len({str(h.iloc[0].get(c)) for h in groups}) > 1]
-        if differ:  # what sets the panels apart beyond σ and D
+        if differ:
             title += "\n" + ", ".join(f"{c}={first.get(c)}" for c in differ)
         if runs > 1:
             title += f"\n(mean of up to {runs} runs per T)"

@@ -321,7 +321,7 @@ def setting_key(settings: dict, vary: str = "T") -> str:
     are points of one curve."""
     run = {k: v for k, v in (settings.get("run") or {}).items()
            if k not in (vary, "threshold_choice", "wandb")}
-    ident = identity_of(settings, drop=("networks.rejector", "threshold", "rejector_sha256"))
+    ident = identity_of(settings, drop=("networks.rejector", "threshold"))
     return json.dumps({"identity": ident, "run": run}, sort_keys=True, default=str)
 
 

@@ -226,6 +226,15 @@ def sample_counts(base: Base, x: torch.Tensor, n: int | Sequence[int], sigma: fl
     return counts[:, 0] if single else counts
 
 
+def certify_selected(counts: np.ndarray, sigma: float, alpha: float, bound: str) -> CertifyDetails:
+    """Certificates from the two stages of draws of each image, counts (B, 2, K+1): ĉ_A is the
+    first maximum over the real classes of the N0 selection counts, bounded with the fresh N
+    estimation counts (certify_details). SmoothedClassifier.certify and the one pass for several
+    systems (tasks.prediction) both certify through it."""
+    c_hat = counts[:, 0, :-1].argmax(-1)  # (B,) first maximum = lowest index
+    return certify_details(counts[:, 1], c_hat, sigma, alpha, bound)
+
+
 @dataclass
 class Certificate(CertifyDetails):
     """certify_details for each image (prediction, radius, n_A, ...), plus the raw counts."""
@@ -268,10 +277,8 @@ class SmoothedClassifier:
         n0, n = check_positive_int("n0", n0), check_positive_int("n", n)
         alpha, bound = check_alpha(alpha), check_bound(bound)
         counts = self.counts(x, (n0, n), batch_size, generator, noise)  # (B, 2, K+1)
-        counts0, counts = counts[:, 0], counts[:, 1]
-        c_hat = counts0[:, :-1].argmax(-1)  # (B,) first maximum = lowest index
-        d = certify_details(counts, c_hat, self.sigma, alpha, bound)
-        return Certificate(**vars(d), counts0=counts0, counts=counts)
+        d = certify_selected(counts, self.sigma, alpha, bound)
+        return Certificate(**vars(d), counts0=counts[:, 0], counts=counts[:, 1])
 
     def predict(self, x: torch.Tensor, n: int, alpha: float, batch_size: int,
                 generator: torch.Generator | None = None,

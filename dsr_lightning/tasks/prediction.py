@@ -26,6 +26,7 @@ from dsr_lightning.smoothing import (
     SmoothedClassifier,
     attack_noise,
     certify_details,
+    certify_selected,
     certify_staged,
     pgd_attack,
     predict_counts,
@@ -250,8 +251,9 @@ class CertificationModule(pl.LightningModule):
             # (B, 2, K·(M+1)+1): the N0 selection and the N estimation draws, counted once
             counts = self.smoothed.counts(x, (spec.N0, spec.N), self.batch, noise=noise)
             dt = (time.perf_counter() - t0) / len(idx)
-            return [self._rows(idx, y, self._certify_counts(self.draws.split(counts, t), bound),
-                               dt) for t, bound in self.shared]
+            return [self._rows(idx, y, certify_selected(self.draws.split(counts, t), spec.sigma,
+                                                        spec.alpha, bound).columns(), dt)
+                    for t, bound in self.shared]
         if spec.mode == "certify":
             cert = self.smoothed.certify(x, spec.N0, spec.N, spec.alpha, self.batch, spec.bound,
                                          noise=noise)
@@ -276,14 +278,6 @@ class CertificationModule(pl.LightningModule):
             cols = {k: d[k] for k in ("n_A", "n_R", "n_B", "N")}
         dt = (time.perf_counter() - t0) / len(idx)  # the step's time, shared by its images
         return self._rows(idx, y, {**cols, "prediction": pred}, dt)
-
-    def _certify_counts(self, counts: np.ndarray, bound: str) -> dict:
-        """The certificates of one system from its counts (B, 2, K+1), as SmoothedClassifier
-        .certify gives them from the same draws: ĉ_A from the N0 selection draws (the first
-        maximum over the real classes), bounded with the N estimation draws."""
-        c_hat = counts[:, 0, :-1].argmax(-1)
-        return certify_details(counts[:, 1], c_hat, self.spec.sigma, self.spec.alpha,
-                               bound).columns()
 
     def _rows(self, idx: torch.Tensor, y: torch.Tensor, cols: dict, dt: float) -> list[dict]:
         """One row per image: the reference columns, then what `cols` has of the mode's."""
