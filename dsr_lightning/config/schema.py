@@ -21,6 +21,7 @@ from omegaconf import II, MISSING, DictConfig, OmegaConf
 from dsr_lightning.data.base import SPLITS
 from dsr_lightning.errors import ConfigError
 from dsr_lightning.models.checkpoint import SOURCES
+from dsr_lightning.models.normalize import input_size_of
 from dsr_lightning.models.system import SYSTEMS
 from dsr_lightning.smoothing.checks import BOUNDS, draws_setting, sigma_setting, threshold_setting
 from dsr_lightning.smoothing.checks import alpha_setting as _alpha
@@ -47,7 +48,8 @@ class NetConfig:
     source: str = "arch"       # arch | torchvision | module | file
     arch: str | None = None    # source=arch: a name of models.ARCHS
     arch_kwargs: dict[str, Any] = field(default_factory=dict)
-    model: str | None = None   # source=torchvision: a torchvision.models name
+    model: str | None = None   # source=torchvision: a torchvision.models name; source=diffusion:
+    #                            a diffusers hub id or a save_pretrained folder
     weights: str | None = None  # source=torchvision: DEFAULT, IMAGENET1K_V2, ... (downloaded)
     kwargs: dict[str, Any] = field(default_factory=dict)  # source=torchvision: more arguments
     num_classes: int | None = None  # torchvision/module: null = the data's class count
@@ -64,6 +66,7 @@ class ClassifierConfig(NetConfig):
     mean: list[float] | None = None  # input normalisation (null: weights', arch's, data's)
     std: list[float] | None = None
     feature_layers: list[str] | None = None  # fused into the rejector (null: the defaults)
+    input_size: Any = None  # the classifier's input size (224 or [H, W]), resized inside; null: data's
 
 
 @dataclass
@@ -342,6 +345,18 @@ def check_networks(cfg: DictConfig) -> None:
         if source == "torchvision" and role == "denoiser":
             raise ConfigError("denoiser.source=torchvision: torchvision has no denoisers; give "
                               "yours as denoiser=module (a class and a state dict) or denoiser=file")
+        if source == "diffusion" and role == "classifier":
+            raise ConfigError("classifier.source=diffusion: only the denoiser can be a diffusion "
+                              "model (denoiser=diffusion denoiser.model=<hub id or folder>)")
+        if source == "diffusion" and not node.get("model"):
+            raise ConfigError("denoiser=diffusion needs denoiser.model=<a diffusers hub id, e.g. "
+                              "google/ddpm-cifar10-32, or a save_pretrained folder>")
+        if source == "diffusion" and (cfg.get("stage") or {}).get("name") == "denoiser":
+            raise ConfigError("denoiser=diffusion is a pretrained model, used as it is: stage=denoiser "
+                              "trains no diffusion model; train the rejector on top of it "
+                              "(stage=rejector, the default)")
+        if role == "classifier":
+            input_size_of(node.get("input_size"))
         if node.get("num_classes") is not None:
             _int(f"{role}.num_classes", node.num_classes, low=2)
         if role == "classifier" and (node.mean is None) != (node.std is None):

@@ -264,6 +264,22 @@ def _module(node: dict, role: str):
     return net
 
 
+def _diffusion(node: dict, role: str, sigma: float | None, trained: bool):
+    """A pretrained DDPM of the diffusers library as the one-step denoiser for σ
+    (models/diffusion.py): (the denoiser, what the recipe records of it)."""
+    from dsr_lightning.models.diffusion import load_diffusion
+
+    if role != "denoiser":
+        raise ConfigError(f"{role}.source=diffusion: only a denoiser can be a diffusion model")
+    if not trained:
+        raise ConfigError("denoiser=diffusion is a pretrained model, used as it is: stage=denoiser "
+                          "trains the DnCNN-type denoisers (denoiser=dncnn, tiny, ...); train the "
+                          "rejector on top of it with stage=rejector")
+    if sigma is None:
+        raise ConfigError("denoiser=diffusion needs sigma (its timestep is the one matching sigma)")
+    return load_diffusion(str(node.get("model") or ""), float(sigma))
+
+
 def _normalisation(node: dict, data: DataFacts | None, meta, own) -> tuple[list, list, str]:
     """(mean, std, where they came from): the node's, else the torchvision weights', else the
     architecture's own (published classifiers), else the data's, else torchvision's convention
@@ -345,6 +361,9 @@ def build(role: str, spec, *, data: DataFacts | None = None, sigma: float | None
             print(f"{role}: no {role}.path: {node['net']['_target_']} as it builds itself "
                   "(its own weights)", flush=True)
         recipe.update(net=node["net"])
+    elif source == "diffusion":
+        net, info = _diffusion(node, role, sigma, trained)
+        recipe.update(path=str(node.get("model")), **info)
     else:  # file
         path = check_path(role, node, sigma, needed=True)
         net = load_scripted(path, trust_pickle=bool(node.get("trust_pickle")), what=role)
@@ -355,7 +374,7 @@ def build(role: str, spec, *, data: DataFacts | None = None, sigma: float | None
         mean, std, why = _normalisation(node, data, meta, own)
         shape = data.image_shape if data is not None and data.image_shape else None
         net = Classifier(net, mean, std, feature_layers=node.get("feature_layers"),
-                         input_shape=shape)
+                         input_shape=shape, input_size=node.get("input_size"))
         k = net.num_classes
         if k_data is not None and k != k_data:
             raise ConfigError(
@@ -367,6 +386,8 @@ def build(role: str, spec, *, data: DataFacts | None = None, sigma: float | None
                       feature_layers=list(getattr(net, "feature_layers", []) or []),
                       input_shape=list(net.input_shape) if getattr(net, "input_shape", None)
                       else None)
+        if net.input_size is not None:  # only when set: the ids of networks without it stay
+            recipe["input_size"] = list(net.input_size)
     if trained:
         freeze(net)
         shape = data.image_shape if data is not None and data.image_shape else None
@@ -380,6 +401,7 @@ def _what(role: str, recipe: dict) -> str:
     source = recipe.get("source") or "arch"
     what = {"arch": recipe.get("arch"), "torchvision": recipe.get("model"),
             "module": (recipe.get("net") or {}).get("_target_"), "file": recipe.get("path"),
+            "diffusion": recipe.get("path"),
             "rejector": (recipe.get("net") or {}).get("_target_")}.get(source)
     return f"the {role} ({role}.source={source}: {what})"
 
@@ -506,6 +528,8 @@ def rebuild(role: str, recipe: dict) -> nn.Module:
         net = torchvision.models.get_model(recipe["model"], weights=None, **kwargs)
     elif source == "module":
         net = _module({"net": recipe["net"]}, role)
+    elif source == "diffusion":
+        net = _rebuild_diffusion(role, recipe)
     else:
         path = Path(str(recipe["path"]))
         if not path.is_file():
@@ -519,7 +543,33 @@ def rebuild(role: str, recipe: dict) -> nn.Module:
         shape = recipe.get("input_shape")
         net = Classifier(net, recipe["mean"], recipe["std"],
                          feature_layers=recipe.get("feature_layers"),
-                         input_shape=tuple(shape) if shape else None)
+                         input_shape=tuple(shape) if shape else None,
+                         input_size=recipe.get("input_size"))
+    return net
+
+
+def _rebuild_diffusion(role: str, recipe: dict) -> nn.Module:
+    """A diffusion denoiser from its model (folder or hub id), with the model's own weights (a
+    rejector checkpoint does not hold them): refused unless they are those recorded at training
+    and the schedule gives the recorded timestep."""
+    from dsr_lightning.models.diffusion import load_diffusion
+
+    try:
+        net, info = load_diffusion(str(recipe["path"]), float(recipe["sigma"]))
+    except ConfigError as e:
+        raise CheckpointError(f"the {role} was the diffusion model {recipe['path']}, which cannot be "
+                              f"loaded now: {e}") from None
+    weights = state_sha256(net)
+    if recipe.get("state_sha256") and weights != recipe["state_sha256"]:
+        raise CheckpointError(
+            f"the diffusion model {recipe['path']} changed since the rejector was trained on it: "
+            "its weights' hash differs from the recorded one. Restore the model it was trained "
+            "with (the folder, or the hub revision), or train a rejector on this one")
+    for key in ("unet", "scheduler", "timestep"):
+        if recipe.get(key) is not None and info[key] != recipe[key]:
+            raise CheckpointError(f"the diffusion model {recipe['path']} changed since the rejector "
+                                  f"was trained on it: its {key} differs from the recorded one. "
+                                  "Restore the model it was trained with")
     return net
 
 
@@ -528,9 +578,14 @@ def describe(role: str, recipe: dict) -> str:
     source = recipe.get("source") or "arch"
     what = {"arch": recipe.get("arch"), "torchvision": f"torchvision {recipe.get('model')}",
             "module": (recipe.get("net") or {}).get("_target_"),
-            "file": f"file {recipe.get('path')}"}[source]
+            "file": f"file {recipe.get('path')}",
+            "diffusion": f"the diffusion model {recipe.get('path')}"}[source]
     weights = recipe.get("weights") or recipe.get("path") or "its own weights"
     line = f"{role}: {recipe.get('name')} = {what} ({weights})"
+    if source == "diffusion":
+        line += (f", one step at timestep {recipe['timestep']} (alpha_bar {recipe['alpha_bar']:.4g}, "
+                 f"{recipe['prediction_type']}; its noise level within "
+                 f"{100 * recipe['noise_mismatch']:.2g}% of sigma's)")
     if role == "classifier":
         mean = ", ".join(f"{m:.4g}" for m in recipe["mean"])
         std = ", ".join(f"{s:.4g}" for s in recipe["std"])

@@ -186,7 +186,8 @@ class RunCheckpoint:
         except (ValueError, TypeError) as e:
             raise CheckpointError(f"{self.path}: cannot rebuild the {role} from its record "
                                   f"({e})") from None
-        load_state_dict_strict(net, self.part(role), source=f"{self.path} ({role})")
+        if not getattr(net, "weights_outside_checkpoint", False):  # a diffusion model: its own
+            load_state_dict_strict(net, self.part(role), source=f"{self.path} ({role})")
         freeze(net)
         weights = state_sha256(net)
         if recipe.get("state_sha256") not in (None, weights):
@@ -202,8 +203,14 @@ class RunCheckpoint:
         return net, recipe
 
     def load_into(self, module: nn.Module) -> nn.Module:
-        """The file's weights into the task that wrote it (strict)."""
-        module.load_state_dict(self.state_dict)
+        """The file's weights into the task that wrote it (strict, but for the weights a
+        checkpoint leaves out: tasks.base.outside_prefixes, which the task already holds)."""
+        state = dict(self.state_dict)
+        prefixes = module.outside_prefixes() if hasattr(module, "outside_prefixes") else ()
+        for k, v in module.state_dict().items():
+            if prefixes and k.startswith(prefixes) and k not in state:
+                state[k] = v
+        module.load_state_dict(state)
         return module
 
     # -- writing ------------------------------------------------------------------------------

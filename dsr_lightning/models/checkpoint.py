@@ -44,8 +44,9 @@ def _cifar_resnet(depth: int) -> Callable[..., nn.Module]:
 
 
 # How a network can be given (jobs/networks.py): by published architecture name, as a torchvision
-# model, as any nn.Module class, or as a whole-network file (TorchScript)
-SOURCES = ("arch", "torchvision", "module", "file")
+# model, as any nn.Module class, as a whole-network file (TorchScript), or (denoisers) a pretrained
+# diffusion model of the diffusers library (models/diffusion.py)
+SOURCES = ("arch", "torchvision", "module", "file", "diffusion")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from dsr_lightning.errors import ConfigError
 
@@ -15,20 +16,46 @@ CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2023, 0.1994, 0.2010)
 
 
-class NormalizeLayer(nn.Module):
-    """(x - mean) / std per channel. mean/std are non-persistent buffers: they follow
-    `.to(device/dtype)` but add nothing to the state dict (as in the published checkpoints)."""
+def input_size_of(size) -> tuple[int, int] | None:
+    """`classifier.input_size` as (H, W): an int is a square, a pair is (H, W), None keeps the
+    data's size. Anything else is one ConfigError."""
+    if size is None:
+        return None
+    values = [size] if isinstance(size, int | float | str) else list(size)
+    try:
+        hw = [int(v) for v in values]
+        ok = all(float(v) == h for v, h in zip(values, hw))
+    except (TypeError, ValueError):
+        ok = False
+    if not ok or len(hw) not in (1, 2) or min(hw) < 1:
+        raise ConfigError(f"classifier.input_size={size!r}: give the classifier's input size in "
+                          "pixels, one number (a square, e.g. 224) or [H, W]; null: the data's size")
+    return (hw[0], hw[0]) if len(hw) == 1 else (hw[0], hw[1])
 
-    def __init__(self, mean: Sequence[float] = CIFAR10_MEAN, std: Sequence[float] = CIFAR10_STD):
+
+class NormalizeLayer(nn.Module):
+    """(x - mean) / std per channel, after resizing x to `size` (H, W) where set (bicubic with
+    antialiasing, clipped back to [0, 1] as an image resized in 8 bits would be: a classifier that
+    takes another resolution than the data's, e.g. a 224-px ImageNet model on 32-px images).
+    mean/std are non-persistent buffers: they follow `.to(device/dtype)` but add nothing to the
+    state dict (as in the published checkpoints)."""
+
+    def __init__(self, mean: Sequence[float] = CIFAR10_MEAN, std: Sequence[float] = CIFAR10_STD,
+                 size: tuple[int, int] | None = None):
         super().__init__()
         self.register_buffer("mean", torch.tensor(mean).view(-1, 1, 1), persistent=False)  # (C,1,1)
         self.register_buffer("std", torch.tensor(std).view(-1, 1, 1), persistent=False)
+        self.size = size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.size is not None and tuple(x.shape[-2:]) != self.size:
+            x = F.interpolate(x, size=self.size, mode="bicubic", antialias=True,
+                              align_corners=False).clamp(0, 1)
         return (x - self.mean) / self.std  # (B, C, H, W)
 
     def extra_repr(self) -> str:
-        return f"mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()}"
+        size = f", size={self.size}" if self.size is not None else ""
+        return f"mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()}{size}"
 
 
 class Classifier(nn.Sequential):
@@ -46,13 +73,16 @@ class Classifier(nn.Sequential):
     `num_classes` comes from `net.num_classes` or `net.fc.out_features` where present, else from a
     probe: one forward of zeros (1, *input_shape) in eval mode under no_grad, which also gives
     `feature_channels`. input_shape (C, H, W) defaults to (len(mean), 32, 32); set it (or call
-    `probe`) for nets that need another size.
+    `probe`) for nets that need another size. `input_size` (an int or (H, W)): the net takes
+    images of that size, resized inside from whatever size the wrapper gets (NormalizeLayer), so
+    noise, denoiser and rejector stay at the data's size; the fusion maps are the net's.
     """
 
     def __init__(self, net: nn.Module, mean: Sequence[float] = CIFAR10_MEAN,
                  std: Sequence[float] = CIFAR10_STD, feature_layers: Sequence[str] | None = None,
-                 input_shape: tuple[int, int, int] | None = None):
-        super().__init__(NormalizeLayer(mean, std), net)
+                 input_shape: tuple[int, int, int] | None = None,
+                 input_size: int | Sequence[int] | None = None):
+        super().__init__(NormalizeLayer(mean, std, input_size_of(input_size)), net)
         if isinstance(feature_layers, str):  # a single name, not its characters
             feature_layers = [feature_layers]
         names = default_feature_layers(net) if feature_layers is None else list(feature_layers)
@@ -68,6 +98,11 @@ class Classifier(nn.Sequential):
     @property
     def net(self) -> nn.Module:
         return self[1]
+
+    @property
+    def input_size(self) -> tuple[int, int] | None:
+        """(H, W) the net takes, where it differs from the data's (resized inside); None: none."""
+        return self[0].size
 
     @property
     def num_classes(self) -> int:

@@ -139,7 +139,25 @@ class FrozenAwareModule(pl.LightningModule):
             scheds = scheds if isinstance(scheds, list) else [scheds]
             scheds[self._sched_index[i]].step()
 
+    def outside_prefixes(self) -> tuple[str, ...]:
+        """State-dict prefixes of the frozen networks whose weights stay in their own files (a
+        diffusion model's: models/diffusion.py), never copied into a checkpoint; a rebuild reads
+        them from there and checks their recorded hash (jobs/networks.py)."""
+        return tuple(f"{name}." for name, m in self.named_modules(remove_duplicate=False)
+                     if name and getattr(m, "weights_outside_checkpoint", False))
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # a resume: the weights a checkpoint leaves out are those this task already holds
+        if prefixes := self.outside_prefixes():
+            state = checkpoint["state_dict"]
+            for k, v in self.state_dict().items():
+                if k.startswith(prefixes) and k not in state:
+                    state[k] = v
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if prefixes := self.outside_prefixes():
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
+                                        if not k.startswith(prefixes)}
         # parameters and buffers (e.g. BatchNorm statistics fed by overflowing features can turn
         # Inf while the loss stays finite): a non-finite checkpoint is never written
         if bad := non_finite_keys(checkpoint["state_dict"]):

@@ -1,0 +1,305 @@
+"""Diffusion denoisers (models/diffusion.py, denoiser=diffusion): t* against the scheduler's ᾱ, the
+one-step estimate against its closed form, the [0, 1] range, σ beyond the schedule, the folder
+layouts of save_pretrained, and the chain train -> certify -> certify.py from the checkpoint alone
+on a tiny random UNet2DModel saved into a temporary folder (offline). Also classifier.input_size
+(a classifier at its own resolution, with the rejector's fusion)."""
+
+from __future__ import annotations
+
+import csv
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import REPO, compose_tiny, env, error_lines
+from hydra.core.hydra_config import HydraConfig
+
+from dsr_lightning.errors import CheckpointError, ConfigError
+
+diffusers = pytest.importorskip("diffusers")
+
+from dsr_lightning.models.diffusion import (  # noqa: E402 - after the importorskip
+    DiffusionDenoiser,
+    load_diffusion,
+    max_sigma,
+    timestep_for,
+)
+
+SIGMAS = (0.12, 0.25, 0.5, 1.0)
+
+
+def _unet(size: int = 16, out_channels: int = 3, seed: int = 0):
+    torch.manual_seed(seed)
+    return diffusers.UNet2DModel(
+        sample_size=size, in_channels=3, out_channels=out_channels, layers_per_block=1,
+        block_out_channels=(8, 16), down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4)
+
+
+def save_model(folder: Path, layout: str = "pipeline", seed: int = 0, **scheduler) -> Path:
+    """A tiny random DDPM (UNet2DModel + DDPMScheduler) written by save_pretrained: the pipeline
+    layout (unet/, scheduler/) or a model's own (config.json, scheduler_config.json beside it)."""
+    learned = str(scheduler.get("variance_type", "")).startswith("learned")
+    unet = _unet(out_channels=6 if learned else 3, seed=seed)
+    sched = diffusers.DDPMScheduler(num_train_timesteps=1000, **scheduler)
+    if layout == "pipeline":
+        unet.save_pretrained(folder / "unet")
+        sched.save_pretrained(folder / "scheduler")
+    else:
+        unet.save_pretrained(folder)
+        sched.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    return save_model(tmp_path_factory.mktemp("ddpm") / "tiny_ddpm")
+
+
+def _alphas() -> torch.Tensor:
+    return diffusers.DDPMScheduler(num_train_timesteps=1000).alphas_cumprod
+
+
+# --- the timestep and the one-step estimate -----------------------------------------------------
+
+@pytest.mark.parametrize("sigma", SIGMAS)
+def test_the_timestep_is_the_one_whose_noise_level_matches_sigma(sigma):
+    ab = _alphas().double()
+    t = timestep_for(sigma, ab)
+    level = lambda s: math.sqrt((1 - float(ab[s])) / float(ab[s]))  # noqa: E731
+    # the model's noise level at t* is 2σ (σ in [0, 1] pixels = 2σ in the model's [-1, 1] units)
+    assert abs(level(t) - 2 * sigma) <= abs(level(t - 1) - 2 * sigma)
+    assert abs(level(t) - 2 * sigma) <= abs(level(t + 1) - 2 * sigma)
+    assert abs(level(t) / (2 * sigma) - 1) < 0.01  # the linear schedule's steps are that fine here
+    # larger σ, later timestep
+    assert timestep_for(2 * sigma, ab) > t
+
+
+def test_sigma_beyond_the_schedule_is_refused_naming_the_largest():
+    ab = _alphas()
+    top = max_sigma(ab)
+    assert top == pytest.approx(math.sqrt((1 - float(ab[-1])) / float(ab[-1])) / 2)
+    assert timestep_for(top, ab) == len(ab) - 1
+    with pytest.raises(ConfigError, match=rf"sigma <= {top:.4g}"):
+        timestep_for(top * 1.01, ab)
+    with pytest.raises(ConfigError, match="sigma > 0"):
+        timestep_for(0.0, ab)
+
+
+class Oracle(torch.nn.Module):
+    """A 'UNet' that knows the clean image x0 (in [-1, 1]) and returns the exact target of its
+    prediction type for the input it gets: D must then give back x0 exactly."""
+
+    def __init__(self, x0: torch.Tensor, ab: float, kind: str):
+        super().__init__()
+        self.x0, self.ab, self.kind = x0, ab, kind
+
+    def forward(self, x_t, t):
+        a, s = math.sqrt(self.ab), math.sqrt(1 - self.ab)
+        eps = (x_t - a * self.x0) / s  # the noise of x_t = √ᾱ x0 + √(1-ᾱ) ε
+        return {"epsilon": eps, "sample": self.x0, "v_prediction": a * eps - s * self.x0}[self.kind]
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "sample", "v_prediction"])
+def test_the_one_step_estimate_is_the_closed_form(kind):
+    ab = _alphas()
+    sigma = 0.5
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 3, 8, 8, generator=g)                    # clean images in [0, 1]
+    noisy = x + sigma * torch.randn(x.shape, generator=g)
+    t = timestep_for(sigma, ab)
+    den = DiffusionDenoiser(Oracle(2 * x - 1, float(ab[t]), kind), ab, sigma, kind)
+    assert den.timestep == t
+    torch.testing.assert_close(den(noisy), x, atol=1e-5, rtol=0)
+
+
+def test_a_real_unet_one_step_equals_its_formula_and_maps_into_unit_range():
+    ab = _alphas()
+    unet = _unet().eval()
+    den = DiffusionDenoiser(unet, ab, 0.25).eval()
+    g = torch.Generator().manual_seed(1)
+    noisy = torch.rand(4, 3, 16, 16, generator=g) + 0.25 * torch.randn(4, 3, 16, 16, generator=g)
+    with torch.no_grad():
+        out = den(noisy)
+        a = float(ab[den.timestep])
+        x_t = math.sqrt(a) * (2 * noisy - 1)
+        eps = unet(x_t, torch.full((4,), den.timestep)).sample
+        want = (((x_t - math.sqrt(1 - a) * eps) / math.sqrt(a)).clamp(-1, 1) + 1) / 2
+    assert out.shape == noisy.shape
+    assert 0 <= float(out.min()) and float(out.max()) <= 1
+    torch.testing.assert_close(out, want)
+    torch.testing.assert_close(den(noisy), out, rtol=0, atol=0)  # deterministic
+    # a UNet predicting no noise leaves the noisy image, clipped to [0, 1]
+    with torch.no_grad():
+        unet.conv_out.weight.zero_()
+        unet.conv_out.bias.zero_()
+    torch.testing.assert_close(den(noisy), noisy.clamp(0, 1), atol=1e-6, rtol=0)
+
+
+# --- loading ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("layout", ["pipeline", "model"])
+def test_both_save_pretrained_layouts_load(tmp_path, layout):
+    folder = save_model(tmp_path / layout, layout)
+    den, info = load_diffusion(str(folder), 0.5)
+    assert info["timestep"] == timestep_for(0.5, _alphas())
+    assert info["prediction_type"] == "epsilon" and info["unet"]["sample_size"] == 16
+    assert isinstance(den.unet, diffusers.UNet2DModel)
+
+
+def test_other_prediction_types_and_learned_variance(tmp_path):
+    den, info = load_diffusion(str(save_model(tmp_path / "v", prediction_type="v_prediction")), 0.25)
+    assert den.prediction_type == "v_prediction" and info["prediction_type"] == "v_prediction"
+    den, _ = load_diffusion(str(save_model(tmp_path / "learned", variance_type="learned_range")), 0.25)
+    assert den.learned_variance
+    assert den(torch.rand(2, 3, 16, 16)).shape == (2, 3, 16, 16)  # the variance channels dropped
+    folder = save_model(tmp_path / "odd")
+    cfg = (folder / "scheduler" / "scheduler_config.json")
+    cfg.write_text(cfg.read_text().replace('"epsilon"', '"score"'))
+    with pytest.raises(ConfigError, match="predicts 'score'"):
+        load_diffusion(str(folder), 0.25)
+
+
+def test_bad_model_references_are_one_clear_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="holds no diffusers model"):
+        load_diffusion(str(tmp_path / "empty"), 0.25)
+    with pytest.raises(ConfigError, match="not a hub id"):
+        load_diffusion(str(tmp_path / "missing" / "folder"), 0.25)
+    (tmp_path / "file.bin").write_bytes(b"x")
+    with pytest.raises(ConfigError, match="is a file"):
+        load_diffusion(str(tmp_path / "file.bin"), 0.25)
+
+
+def test_without_diffusers_the_error_names_the_extra(monkeypatch, model):
+    monkeypatch.setitem(sys.modules, "diffusers", None)
+    with pytest.raises(ConfigError, match=r'pip install "dsr_lightning\[diffusion\]"'):
+        load_diffusion(str(model), 0.25)
+
+
+# --- the chain: train, certify in the job, certify.py from the checkpoint alone -----------------
+
+def _train(tiny, out: Path, *overrides: str) -> dict:
+    from dsr_lightning.jobs.training import train
+
+    try:
+        return train(compose_tiny(out, [tiny.override, "sigma=0.25", "trainer.limit_train_batches=2",
+                                        "trainer.limit_val_batches=1", *overrides]))
+    finally:
+        HydraConfig.instance().cfg = None
+
+
+def _rows(path) -> list[dict]:
+    with open(path) as f:
+        return [{k: v for k, v in r.items() if k != "time"} for r in csv.DictReader(f, delimiter="\t")]
+
+
+@pytest.fixture(scope="module")
+def chain(tiny_pretrained, model, tmp_path_factory):
+    """The rejector trained on the tiny DDPM, its f_R and baseline certified in the job."""
+    out = tmp_path_factory.mktemp("dds")
+    result = _train(tiny_pretrained, out / "run", "denoiser=diffusion", f"denoiser.model={model}",
+                    "certify=quick", "certify.N0=10", "certify.N=50", "certify.max=3",
+                    "certify.batch=64")
+    return out, result
+
+
+def test_the_rejector_trains_on_a_diffusion_denoiser_and_certifies(chain, model):
+    _, result = chain
+    files = {s: c["file"] for s, c in result["certification"].items()}
+    assert set(files) == {"rejection", "denoised"}
+    for path in files.values():
+        assert len(_rows(path)) == 3
+    ckpt = torch.load(result["best"], map_location="cpu", weights_only=False)
+    # the DDPM's weights stay in its folder: the checkpoint names the model and the weights' hash
+    assert not [k for k in ckpt["state_dict"] if k.startswith("denoiser.")]
+    recipe = ckpt["dsr_config"]["networks"]["denoiser"]
+    assert recipe["source"] == "diffusion" and recipe["path"] == str(model)
+    assert recipe["timestep"] == timestep_for(0.25, _alphas()) and len(recipe["state_sha256"]) == 64
+
+
+def test_certify_from_the_checkpoint_alone_repeats_the_jobs_rows(chain, tiny_pretrained):
+    from helpers import certify_tiny
+
+    out, result = chain
+    again = certify_tiny(tiny_pretrained, Path(result["best"]), out / "again", "system=denoised",
+                         "N0=10", "N=50", "max=3", "batch=64")
+    assert _rows(again["outfile"]) == _rows(result["certification"]["denoised"]["file"])
+
+
+def test_a_changed_model_folder_is_refused(chain, model, tmp_path):
+    from dsr_lightning.jobs.run_checkpoint import RunCheckpoint
+
+    _, result = chain
+    moved = tmp_path / "model"
+    shutil.copytree(model, moved)
+    ckpt = RunCheckpoint.read(result["best"])
+    ckpt.config["networks"]["denoiser"]["path"] = str(moved)
+    ckpt.system("denoised")  # the same model in another folder: the same network
+    save_model(moved, seed=1)  # other weights in that folder
+    with pytest.raises(CheckpointError, match="changed since the rejector was trained"):
+        ckpt.system("denoised")
+
+
+def test_sigma_beyond_the_schedule_and_a_diffusion_stage_are_refused(tiny_pretrained, model, tmp_path):
+    with pytest.raises(ConfigError, match=r"beyond the diffusion model's noise schedule.*sigma <="):
+        _train(tiny_pretrained, tmp_path / "a", "denoiser=diffusion", f"denoiser.model={model}",
+               "sigma=200")
+    with pytest.raises(ConfigError, match="pretrained model, used as it is"):
+        _train(tiny_pretrained, tmp_path / "b", "stage=denoiser", "denoiser=diffusion",
+               f"denoiser.model={model}")
+
+
+@pytest.mark.process
+def test_certify_py_from_the_checkpoint_alone(chain, tmp_path):
+    """The command a user types, in a new process: certify.py with nothing but the checkpoint."""
+    _, result = chain
+    proc = subprocess.run([sys.executable, str(REPO / "certify.py"), f"rejector_ckpt={result['best']}",
+                           "N0=10", "N=50", "max=2", "batch=64", f"outdir={tmp_path}",
+                           f"hydra.run.dir={tmp_path / 'run'}", "trainer.accelerator=cpu"],
+                          capture_output=True, text=True, env=env(), cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not error_lines(proc.stderr)
+    files = list(tmp_path.glob("rejection_*_certify.tsv"))
+    assert len(files) == 1 and len(_rows(files[0])) == 2
+
+
+# --- a classifier at its own resolution -----------------------------------------------------------
+
+def test_classifier_input_size_resizes_inside_and_keeps_fusion():
+    from dsr_lightning.models import Classifier
+    from dsr_lightning.models.resnet import ResNet
+
+    seen = []
+    net = ResNet(8, 10)
+    net.register_forward_pre_hook(lambda m, args: seen.append(tuple(args[0].shape)))
+    f = Classifier(net, input_shape=(3, 16, 16), input_size=32).eval()
+    x = torch.rand(2, 3, 16, 16)
+    logits, feats = f.forward_features(x)
+    assert seen[-1] == (2, 3, 32, 32) and logits.shape == (2, 10)
+    assert [t.shape[-1] for t in feats] == [32, 16, 8]  # the net's maps, at its own size
+    big = torch.nn.functional.interpolate(x, size=(32, 32), mode="bicubic", antialias=True,
+                                          align_corners=False).clamp(0, 1)
+    plain = Classifier(net, input_shape=(3, 32, 32)).eval()
+    torch.testing.assert_close(f(x), plain(big))
+    with pytest.raises(ConfigError, match="classifier.input_size"):
+        Classifier(net, input_size=[1, 2, 3])
+
+
+def test_classifier_input_size_in_the_job_is_part_of_the_network(tiny_pretrained, tmp_path):
+    from dsr_lightning.jobs.run_checkpoint import RunCheckpoint
+    from dsr_lightning.identity import network_id
+
+    result = _train(tiny_pretrained, tmp_path / "run", "classifier.input_size=24")
+    ckpt = RunCheckpoint.read(result["best"])
+    recipe = ckpt.config["networks"]["classifier"]
+    assert recipe["input_size"] == [24, 24]
+    system, prints = ckpt.system("rejection")  # rebuilt at 24 px, its probe reproduced
+    assert system.classifier.input_size == (24, 24) and system.rejector is not None
+    plain = {k: v for k, v in recipe.items() if k != "input_size"}
+    assert prints["classifier"]["id"] == network_id("classifier", recipe) != \
+        network_id("classifier", plain)
