@@ -291,8 +291,8 @@ def test_classifier_input_size_resizes_inside_and_keeps_fusion():
 
 
 def test_classifier_input_size_in_the_job_is_part_of_the_network(tiny_pretrained, tmp_path):
-    from dsr_lightning.jobs.run_checkpoint import RunCheckpoint
     from dsr_lightning.identity import network_id
+    from dsr_lightning.jobs.run_checkpoint import RunCheckpoint
 
     result = _train(tiny_pretrained, tmp_path / "run", "classifier.input_size=24")
     ckpt = RunCheckpoint.read(result["best"])
