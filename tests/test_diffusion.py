@@ -303,3 +303,26 @@ def test_classifier_input_size_in_the_job_is_part_of_the_network(tiny_pretrained
     plain = {k: v for k, v in recipe.items() if k != "input_size"}
     assert prints["classifier"]["id"] == network_id("classifier", recipe) != \
         network_id("classifier", plain)
+
+
+def test_the_dds_experiment_is_the_diffusion_grid():
+    """experiment=dds_cifar10: the diffusers CIFAR-10 DDPM, sigma in {0.25, 0.5, 1.0}, f_R and its
+    baseline certified in the job as the paper's protocol; every job of the grid passes the checks."""
+    from dsr_lightning.config import compose
+    from dsr_lightning.config.schema import check_train
+
+    cfg = compose("train", ["experiment=dds_cifar10"])
+    ch = cfg.hydra.runtime.choices
+    assert (ch.denoiser, ch.certify, ch.data) == ("diffusion", "paper", "cifar10")
+    assert cfg.denoiser.source == "diffusion" and cfg.denoiser.model == "google/ddpm-cifar10-32"
+    assert cfg.denoiser.name == "ddpm-cifar10-32"
+    assert cfg.certify.systems == ["rejection", "denoised"] and cfg.certify.batch == "auto"
+    assert (cfg.certify.N0, cfg.certify.N) == (100, 10_000)
+    sigmas = cfg.hydra.sweeper.params.sigma.split(",")
+    assert sigmas == ["0.25", "0.5", "1.0"]
+    for s in sigmas:
+        check_train(compose("train", ["experiment=dds_cifar10", f"sigma={s}"]))
+    # a classifier at its own resolution in front of the DDPM composes and passes the checks
+    check_train(compose("train", ["experiment=dds_cifar10", "classifier=torchvision",
+                                  "classifier.model=vit_b_16", "classifier.path=vit.pth",
+                                  "classifier.input_size=224"]))
