@@ -249,3 +249,20 @@ def test_argparse_help_says_what_the_command_does(main, says, capsys):
         main(["--help"])
     assert e.value.code == 0
     assert says in capsys.readouterr().out.lower()
+
+
+# --- the README -------------------------------------------------------------------------------------
+
+def test_the_readme_fits_a_screen_and_its_links_resolve():
+    text = (REPO / "README.md").read_text()
+    assert len(text.splitlines()) <= 150
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
+    assert len(images) == 1 and (REPO / images[0]).is_file(), images
+    assert re.search(r"^make demo\b.*\n^make test\b", text, flags=re.M)
+    nav = (REPO / "mkdocs.yml").read_text()
+    for target in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", text):
+        if target.startswith("http"):
+            continue
+        # a page another change adds is in the site's nav, which the strict site build checks
+        assert (REPO / target).exists() or (
+            target.startswith("docs/") and f": {target[5:]}" in nav), target
