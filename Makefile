@@ -12,7 +12,7 @@ install: ## Create .venv and install the package with the pinned CI stack (torch
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c requirements/ci-constraints.txt -e ".[dev]"
 
-demo: install ## Install, then the main job from the given networks on the embedded data (CPU, ~2.5 min; SIGMA=0.5)
+demo: install ## Install, then the main job from the given networks on the embedded data (CPU, 144 s after the install; SIGMA=0.5)
 	PY=$(PY) bash scripts/demo.sh
 
 demo-full: install ## The whole pipeline, training f and D too (CPU, ~5 min after the install)
@@ -36,14 +36,14 @@ wheel-check: install ## Build the wheel, install it with its dependencies into a
 lint: ## ruff check
 	$(PY) -m ruff check .
 
-report: ## Tables and curves for every results file below a folder (DIR=..., default outputs)
-	$(PY) -m dsr_lightning.reports $(or $(DIR),outputs)
+docs: install ## Build the documentation site into site/ (strict: a broken link fails)
+	$(PY) -m mkdocs build --strict
 
 bench: ## Speed benchmarks on this machine (engine vs reference loop; training throughput)
 	$(PY) benchmarks/bench_engine.py
 	$(PY) benchmarks/bench_train.py
 
 clean: ## Remove run outputs (keeps .venv)
-	rm -rf outputs multirun .pytest_cache .ruff_cache
+	rm -rf outputs multirun site .pytest_cache .ruff_cache
 
-.PHONY: help install demo demo-full given test test-fast test-slow wheel-check lint report bench clean
+.PHONY: help install demo demo-full given test test-fast test-slow wheel-check lint docs bench clean

@@ -14,7 +14,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 common=(experiment=demo "pretrained_root=$WORK/out" data.num_workers=0 trainer.precision=32-true)
 made=()
 train() { local name=$1; shift
-          echo "=== $name: train.py $*"
+          echo "=== $name: dsr-train $*"
           "$PY" train.py "$@" "hydra.run.dir=$WORK/runs/$name" > "$WORK/$name.log" 2>&1 \
               || { tail -20 "$WORK/$name.log"; exit 1; }
           made+=("$(grep -o "exported the best network to .*" "$WORK/$name.log" | cut -d' ' -f6)|$*"); }
