@@ -473,6 +473,7 @@ class Smooth:
         self._k = k
         self._sigma = sigma_setting("sigma", sigma)
         self._allow_out_of_range = bool(allow_out_of_range)
+        self._heads: nn.Module | None = None  # heads left out at threshold +inf (with_threshold)
 
     # -- what it is made of --
 
@@ -510,11 +511,12 @@ class Smooth:
 
     @property
     def threshold(self) -> float | None:
-        """The decision threshold (a logit: a draw is rejected iff its head's logit > it), or
-        None without a rejector."""
-        if self.rejector is None or not hasattr(self._base, "threshold"):
+        """The decision threshold (a logit: a draw is rejected iff its head's logit > it); +inf
+        where the heads are left out because they never reject; None without a rejector."""
+        t = getattr(self._base, "threshold", None)
+        if t is None or (self.rejector is None and self._heads is None):
             return None
-        return float(self._base.threshold)
+        return float(t)
 
     @property
     def device(self) -> torch.device:
@@ -542,12 +544,18 @@ class Smooth:
         Raises:
             ConfigError: NaN, or a smoothed classifier without a rejector.
         """
-        base = _with_threshold(self._base, threshold)
-        return Smooth(base, self._k, self._sigma, allow_out_of_range=self._allow_out_of_range)
+        t = threshold_setting("threshold", threshold)
+        base, heads = self._base, self.rejector or self._heads  # _heads: left out at +inf
+        if isinstance(base, SmoothingSystem) and heads is not None:
+            base = SmoothingSystem(base.classifier, base.denoiser, heads, threshold=t,
+                                   num_classes=base.num_classes)
+        else:
+            base = _with_threshold(base, t)  # refuses: no heads to apply it to
+        return _smooth(base, self._sigma, self._allow_out_of_range)
 
     def __repr__(self) -> str:
         parts = [f"sigma={self._sigma:g}", f"num_classes={self._k}"]
-        parts.append("rejector=None" if self.rejector is None else f"threshold={self.threshold:g}")
+        parts.append("rejector=None" if self.threshold is None else f"threshold={self.threshold:g}")
         parts.append(f"device={self.device}")
         return f"Smooth({', '.join(parts)})"
 
@@ -665,6 +673,18 @@ class Smooth:
         return int(pred[0]) if one else pred
 
 
+def _smooth(system: SmoothingSystem, sigma: float, allow_out_of_range: bool = False) -> Smooth:
+    """Smooth of a SmoothingSystem whose heads never reject at threshold +inf: certified without
+    them (p_R = 0 is known, not estimated), kept for with_threshold."""
+    heads = system.rejector
+    if heads is not None and math.isinf(system.threshold) and system.threshold > 0:
+        system = SmoothingSystem(system.classifier, system.denoiser, None,
+                                 threshold=system.threshold, num_classes=system.num_classes)
+    g = Smooth(system, system.num_classes, sigma, allow_out_of_range=allow_out_of_range)
+    g._heads = heads if system.rejector is None else None
+    return g
+
+
 def _one_image(x) -> bool:
     return (torch.is_tensor(x) or isinstance(x, np.ndarray)) and x.ndim == 3
 
@@ -700,12 +720,8 @@ def load(checkpoint: str | os.PathLike, *, threshold: float | None = None,
             raise ConfigError("threshold: the baseline (baseline=True) has no rejector to apply "
                               "it to: drop one of them")
     ckpt = RunCheckpoint.read(checkpoint)
-    if baseline:
-        system = ckpt.system("denoised")[0]
-    else:
-        system = ckpt.rejection_system(threshold=threshold)
-    system = system.to(device)
-    return Smooth(system, system.num_classes, float(ckpt.config["sigma"]))
+    system = ckpt.system("denoised" if baseline else "rejection", threshold=threshold)[0]
+    return _smooth(system.to(device), float(ckpt.config["sigma"]))
 
 
 def _normalisation(classifier: nn.Module, mean, std, channels: int | None) -> tuple[list, list]:
@@ -782,11 +798,8 @@ def wrap(f: nn.Module, D: nn.Module | None = None, *, sigma: float,
     for m in (D, rejector):
         if m is not None:
             freeze(m)
-    k = f.num_classes
-    never = math.isinf(threshold) and threshold > 0
-    system = SmoothingSystem(f, D, None if never else rejector, threshold=threshold,
-                             num_classes=k)
-    return Smooth(system, k, sigma, allow_out_of_range=allow_out_of_range)
+    system = SmoothingSystem(f, D, rejector, threshold=threshold, num_classes=f.num_classes)
+    return _smooth(system, sigma, allow_out_of_range)
 
 
 class _Arrays(SmoothingDataModule):
@@ -894,10 +907,8 @@ def train_rejector(f: nn.Module, D: nn.Module | None, images, labels, *, sigma: 
                          enable_checkpointing=False, enable_progress_bar=progress,
                          enable_model_summary=False, num_sanity_val_steps=0)
     trainer.fit(task, datamodule=data)
-    never = math.isinf(threshold) and threshold > 0
-    system = SmoothingSystem(classifier, D, None if never else freeze(rejector),
-                             threshold=threshold, num_classes=k)
-    return Smooth(system, k, sigma)
+    system = SmoothingSystem(classifier, D, freeze(rejector), threshold=threshold, num_classes=k)
+    return _smooth(system, sigma)
 
 
 # --- the first version's names --------------------------------------------------------------------
