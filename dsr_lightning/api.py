@@ -143,11 +143,7 @@ _INT_COLUMNS = ("prediction", "c_hat", "n_A", "n_R", "n_B", "n0", "n", "label")
 _BOUND_COLUMNS = ("pAR_lower", "pB_upper")
 _SCALARS = ("bound", "alpha", "sigma")
 # the per-image columns, in the order of Certificate's fields (plus correct, where labels are)
-COLUMNS = tuple(f.name for f in fields(Certificate) if f.name not in _SCALARS)
-
-
-def _column(name: str, doc: str) -> property:
-    return property(lambda self: self[name], doc=doc)
+_COLUMNS = tuple(f.name for f in fields(Certificate) if f.name not in _SCALARS)
 
 
 class Certificates(Sequence[Certificate]):
@@ -181,10 +177,20 @@ class Certificates(Sequence[Certificate]):
         self.bound, self.alpha, self.sigma = bound, alpha, sigma
         self.counts0, self.counts = counts0, counts
 
-    prediction = _column("prediction", "(B,) int64: the certified classes, ABSTAIN (-1) where "
-                                       "g_R abstains.")
-    radius = _column("radius", "(B,) float64: the certified L2 radii (0.0 on abstain).")
-    correct = _column("correct", "(B,) int64: 1 where prediction == label (needs labels).")
+    @property
+    def prediction(self) -> np.ndarray:
+        """(B,) int64: the certified classes, `ABSTAIN` (-1) where g_R abstains."""
+        return self["prediction"]
+
+    @property
+    def radius(self) -> np.ndarray:
+        """(B,) float64: the certified L2 radii (0.0 where g_R abstains)."""
+        return self["radius"]
+
+    @property
+    def correct(self) -> np.ndarray:
+        """(B,) int64: 1 where prediction == label (certify with labels=...)."""
+        return self["correct"]
 
     @property
     def columns(self) -> dict[str, np.ndarray]:
@@ -224,7 +230,7 @@ class Certificates(Sequence[Certificate]):
         if not -self._len <= i < self._len:
             raise IndexError(f"certificate {i} of {self._len}")
         row = {}
-        for name in COLUMNS:
+        for name in _COLUMNS:
             if name not in self._columns:
                 continue
             v = self._columns[name][i]
@@ -623,7 +629,7 @@ class Smooth:
         cols = cert.columns()
         cols["n0"] = cert.counts0.sum(-1)
         cols["n"] = cols.pop("N")
-        columns = {name: cols[name] for name in COLUMNS if name in cols}
+        columns = {name: cols[name] for name in _COLUMNS if name in cols}
         if y is not None:
             columns["label"] = y
             columns["correct"] = (columns["prediction"] == y).astype(np.int64)

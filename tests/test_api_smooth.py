@@ -315,8 +315,9 @@ def test_the_top_level_names_are_the_apis_and_importing_the_package_stays_cheap(
         assert getattr(dsr, name) is getattr(api, name)
         assert name in dir(dsr)
     assert dsr.ABSTAIN == ABSTAIN == -1
+    assert dsr.data.CIFAR10SubsetDataModule and dsr.errors.ConfigError is ConfigError
     with pytest.raises(AttributeError, match="no attribute 'nothing'"):
         dsr.nothing  # noqa: B018
-    code = "import sys, dsr_lightning; print('torch' in sys.modules)"
+    code = "import sys, dsr_lightning; print('torch' in sys.modules or 'numpy' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
