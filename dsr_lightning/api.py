@@ -42,7 +42,8 @@ from dsr_lightning.errors import ConfigError, DataError
 from dsr_lightning.jobs.console import quiet_third_party
 from dsr_lightning.jobs.run_checkpoint import RunCheckpoint
 from dsr_lightning.models import Classifier, Rejector, SmoothingSystem, freeze
-from dsr_lightning.smoothing import ABSTAIN, ImageNoise, SmoothedClassifier, check_images
+from dsr_lightning.smoothing import ABSTAIN as _ABSTAIN
+from dsr_lightning.smoothing import ImageNoise, SmoothedClassifier, check_images
 from dsr_lightning.smoothing.checks import (
     BOUNDS,
     alpha_setting,
@@ -57,6 +58,15 @@ from dsr_lightning.tasks import RejectorTask
 
 if TYPE_CHECKING:
     import pandas as pd
+
+ABSTAIN: int = _ABSTAIN
+"""The prediction of an image g_R abstains on: -1, as in Cohen et al.'s code (and the engine's
+`smoothing.ABSTAIN`)."""
+
+Images = torch.Tensor | np.ndarray
+"""Images: one (C, H, W) or a batch (B, C, H, W), floating point in [0, 1]."""
+Labels = torch.Tensor | np.ndarray | Sequence[int] | int | None
+"""Integer classes in 0..K-1: one per image (one int for one image)."""
 
 __all__ = [
     "ABSTAIN", "Certificate", "Certificates", "Smooth", "certify", "load", "load_system",
@@ -567,9 +577,9 @@ class Smooth:
 
     # -- certify and predict --
 
-    def certify(self, x, n0: int = 100, n: int = 10_000, alpha: float = 0.001,
-                batch_size: int = 1000, *, labels=None, bound: str | None = None, seed: int = 0,
-                keys: Sequence[int] | None = None) -> Certificate | Certificates:
+    def certify(self, x: Images, n0: int = 100, n: int = 10_000, alpha: float = 0.001,
+                batch_size: int = 1000, *, labels: Labels = None, bound: str | None = None,
+                seed: int = 0, keys: Sequence[int] | None = None) -> Certificate | Certificates:
         """Certifies x: the class g_R predicts and a radius within which it cannot change.
 
         For each image, c_hat is the most frequent class of `n0` noisy draws (ties to the
@@ -636,7 +646,7 @@ class Smooth:
         return Certificates(columns, bound=cert.bound, alpha=cert.alpha, sigma=cert.sigma,
                             counts0=cert.counts0, counts=cert.counts)
 
-    def predict(self, x, n: int = 1000, alpha: float = 0.001, batch_size: int = 1000, *,
+    def predict(self, x: Images, n: int = 1000, alpha: float = 0.001, batch_size: int = 1000, *,
                 seed: int = 0, keys: Sequence[int] | None = None) -> int | np.ndarray:
         """Predicts g_R(x), abstaining where `n` draws cannot tell it.
 
@@ -824,12 +834,12 @@ class _Arrays(SmoothingDataModule):
         return TensorDataset(self.images[:0], self.labels[:0])
 
 
-def train_rejector(f: nn.Module, D: nn.Module | None, images, labels, *, sigma: float,
-                   mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                   feature_layers: Sequence[str] | None = None, rejector: nn.Module | None = None,
-                   T: int = 4, epochs: int = 1, batch_size: int = 32, lr: float = 1e-3,
-                   threshold: float = 0.0, accelerator: str = "auto", seed: int = 0,
-                   progress: bool = False) -> Smooth:
+def train_rejector(f: nn.Module, D: nn.Module | None, images: Images, labels: Labels, *,
+                   sigma: float, mean: Sequence[float] | None = None,
+                   std: Sequence[float] | None = None, feature_layers: Sequence[str] | None = None,
+                   rejector: nn.Module | None = None, T: int = 4, epochs: int = 1,
+                   batch_size: int = 32, lr: float = 1e-3, threshold: float = 0.0,
+                   accelerator: str = "auto", seed: int = 0, progress: bool = False) -> Smooth:
     """Trains rejector heads for your own frozen classifier f and denoiser D, in memory.
 
     The heads learn, on noisy copies of `images` (σ, `T` per image per step), which draws f∘D
@@ -924,10 +934,11 @@ load_system = load
 σ the rejector was trained for)."""
 
 
-def certify(system: nn.Module | Smooth, images, labels=None, *, sigma: float | None = None,
-            N0: int = 100, N: int = 10_000, alpha: float = 0.001, batch: int = 1000,
-            bound: str | None = None, seed: int = 0, keys: Sequence[int] | None = None,
-            threshold: float | None = None, allow_out_of_range: bool = False) -> Certificates:
+def certify(system: nn.Module | Smooth, images: Images, labels: Labels = None, *,
+            sigma: float | None = None, N0: int = 100, N: int = 10_000, alpha: float = 0.001,
+            batch: int = 1000, bound: str | None = None, seed: int = 0,
+            keys: Sequence[int] | None = None, threshold: float | None = None,
+            allow_out_of_range: bool = False) -> Certificates:
     """The first version's certify: `Smooth.certify` with the numbers named as certify.py's keys
     (N0, N, batch), always a batch.
 

@@ -17,7 +17,8 @@ API_MD = REPO / "docs" / "api.md"
 README = REPO / "README.md"
 DSR = "import dsr_lightning as dsr"
 # the documented numbers of draws, and ten times fewer
-FEWER = {"n0=100,": "n0=10,", "n=1000,": "n=100,", ", 100, 1000, 0.001, 500": ", 10, 100, 0.001, 500"}
+FEWER = {"n0=100,": "n0=10,", "n=1000,": "n=100,",
+         ", 100, 1000, 0.001, 500": ", 10, 100, 0.001, 500"}
 
 
 def _fewer_draws(code: str) -> str:
