@@ -15,7 +15,7 @@ The shape is the one of Cohen et al.'s `Smooth` (`g.certify(x, n0, n, alpha, bat
 
 Images are floating point, (C, H, W) for one image or (B, C, H, W) for a batch, in [0, 1]
 (tensors or numpy arrays); σ and the radii are in those pixel units. Every argument is checked
-before anything is drawn or trained, with the rules certify.py and train.py apply to their keys
+before anything is drawn or trained, with the rules dsr-certify and dsr-train apply to their keys
 (smoothing.checks): a bad setting is one ConfigError, bad images or labels one DataError, naming
 the argument.
 
@@ -285,7 +285,7 @@ def _images(images, allow_out_of_range: bool = False,
             escape: str | None = "allow_out_of_range=True") -> torch.Tensor:
     """`images` as float32 (B, C, H, W) where they are (a numpy array becomes a tensor; one image
     (C, H, W) a batch of one), checked finite and in [0, 1] (unless allowed) in their own dtype.
-    Float32 is what certify.py certifies in and what the noise streams are drawn in: float16 and
+    Float32 is what dsr-certify certifies in and what the noise streams are drawn in: float16 and
     bfloat16 convert exactly, float64 is rounded to the nearest float32 (< 3e-8 in [0, 1])."""
     if isinstance(images, np.ndarray):
         try:
@@ -301,7 +301,7 @@ def _images(images, allow_out_of_range: bool = False,
         raise DataError(f"images are {dtype}: give real floating point images in [0, 1]")
     if not images.is_floating_point():
         raise DataError(f"images are {dtype} (pixel values 0..255?): sigma and the radii are in "
-                        "pixel units of [0,1] images, as certify.py's data modules give them: "
+                        "pixel units of [0,1] images, as dsr-certify's data modules give them: "
                         "divide them by 255 as floats (images.float() / 255)")
     if images.ndim == 3:
         images = images[None]  # one image: a batch of one
@@ -416,7 +416,7 @@ def _with_threshold(system: nn.Module, threshold) -> nn.Module:
         if heads is None or not isinstance(system, SmoothingSystem):
             raise ConfigError(f"threshold={t}: the system has no rejector to apply it to (no heads, "
                               "or loaded with threshold=inf): drop it, or load the system with "
-                              "load_system(..., threshold=...)")
+                              "dsr.load(..., threshold=...)")
     elif heads is not None and hasattr(system, "threshold"):
         t = threshold_setting("system.threshold", system.threshold)
     else:
@@ -711,7 +711,7 @@ def _one_image(x) -> bool:
 
 def load(checkpoint: str | os.PathLike, *, threshold: float | None = None,
          device: str | torch.device = "cpu", baseline: bool = False) -> Smooth:
-    """The smoothed classifier of a rejector checkpoint of train.py, rebuilt from the file alone.
+    """The smoothed classifier of a rejector checkpoint of dsr-train, rebuilt from the file alone.
 
     The file holds the classifier f, the denoiser D, the rejector heads, the chosen threshold
     and σ; each network must reproduce the outputs recorded when it was trained.
@@ -939,7 +939,7 @@ def certify(system: nn.Module | Smooth, images: Images, labels: Labels = None, *
             batch: int = 1000, bound: str | None = None, seed: int = 0,
             keys: Sequence[int] | None = None, threshold: float | None = None,
             allow_out_of_range: bool = False) -> Certificates:
-    """The first version's certify: `Smooth.certify` with the numbers named as certify.py's keys
+    """The first version's certify: `Smooth.certify` with the numbers named as dsr-certify's keys
     (N0, N, batch), always a batch.
 
     Args:
@@ -975,6 +975,8 @@ def certify(system: nn.Module | Smooth, images: Images, labels: Labels = None, *
     sigma = _sigma(system, sigma)
     if isinstance(system, Smooth):
         allow_out_of_range = allow_out_of_range or system.allow_out_of_range
+        if threshold is not None:  # its heads, even where left out at +inf
+            system, threshold = system.with_threshold(threshold), None
         system = system.system
     k = getattr(system, "num_classes", None)
     if k is None:

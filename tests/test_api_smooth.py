@@ -202,6 +202,19 @@ def test_with_threshold_changes_a_copy_and_inf_is_the_baseline(x):
         _g(heads=False).with_threshold(0.5)
 
 
+def test_the_first_versions_certify_takes_a_smooth_and_a_threshold_for_one_call(x):
+    never = _g().with_threshold(math.inf)  # heads left out, kept for another threshold
+    old = api.certify(never, x, N0=10, N=60, alpha=0.01, batch=64, threshold=0.0)
+    new = _g().certify(x, **DRAWS)
+    assert old.keys() == new.keys() and old.bound == new.bound == "paper"
+    for name in new.keys():
+        np.testing.assert_array_equal(old[name], new[name], err_msg=name)
+    assert never.threshold == math.inf  # not changed by the call
+    with pytest.raises(ConfigError, match=r"sigma=0\.5, but the system was trained for "
+                                          r"system\.sigma=0\.25"):
+        api.certify(never, x, sigma=0.5, N0=10, N=60)
+
+
 def test_load_holds_sigma_threshold_and_device_and_certifies(rejector):
     g = dsr.load(rejector)
     ckpt = RunCheckpoint.read(rejector)
