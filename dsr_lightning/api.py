@@ -468,6 +468,9 @@ class Smooth:
         ConfigError: A setting is out of range (naming it).
     """
 
+    ABSTAIN = _ABSTAIN
+    """The prediction where g_R abstains (-1), as `Smooth.ABSTAIN` in Cohen et al.'s code."""
+
     def __init__(self, base: nn.Module, num_classes: int | None = None,
                  sigma: float | None = None, *, allow_out_of_range: bool = False):
         if not callable(base):

@@ -327,7 +327,7 @@ def test_the_top_level_names_are_the_apis_and_importing_the_package_stays_cheap(
                  "ABSTAIN"):
         assert getattr(dsr, name) is getattr(api, name)
         assert name in dir(dsr)
-    assert dsr.ABSTAIN == ABSTAIN == -1
+    assert dsr.ABSTAIN == dsr.Smooth.ABSTAIN == ABSTAIN == -1
     assert dsr.data.CIFAR10SubsetDataModule and dsr.errors.ConfigError is ConfigError
     with pytest.raises(AttributeError, match="no attribute 'nothing'"):
         dsr.nothing  # noqa: B018
