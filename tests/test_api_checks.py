@@ -77,7 +77,8 @@ def _certify(system, images, labels=None, **kw) -> api.Certificates:
 
 
 def _same(a: api.Certificates, b: api.Certificates) -> bool:
-    return a.keys() == b.keys() and all(np.array_equal(a[k], b[k], equal_nan=True) for k in a)
+    return a.keys() == b.keys() and all(np.array_equal(a[k], b[k], equal_nan=True)
+                                        for k in a.keys())
 
 
 # --- 1. the threshold ---------------------------------------------------------------------------

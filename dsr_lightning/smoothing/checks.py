@@ -122,10 +122,14 @@ def threshold_setting(key: str, value) -> float:
     return float(value)
 
 
-def draws_setting(n0, n, prefix: str = "") -> tuple[int, int]:
-    """N0 selection and N estimation draws: integers >= 1, N0 <= N."""
-    n0, n = int_setting(f"{prefix}N0", n0), int_setting(f"{prefix}N", n)
+def draws_setting(n0, n, prefix: str = "", names: tuple[str, str] = ("N0", "N")
+                  ) -> tuple[int, int]:
+    """N0 selection and N estimation draws: integers >= 1, N0 <= N. `names`: what the two are
+    called where they are given (("N0", "N") in the configs, ("n0", "n") in the Python API)."""
+    a, b = (f"{prefix}{name}" for name in names)
+    n0, n = int_setting(a, n0), int_setting(b, n)
     if n0 > n:
-        raise ConfigError(f"{prefix}N0={n0} > {prefix}N={n}: the selection draws N0 should be a "
-                          "small fraction of the estimation draws N (e.g. N0=100, N=10000)")
+        raise ConfigError(f"{a}={n0} > {b}={n}: the selection draws {names[0]} should be a "
+                          f"small fraction of the estimation draws {names[1]} (e.g. "
+                          f"{names[0]}=100, {names[1]}=10000)")
     return n0, n
