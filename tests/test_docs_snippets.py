@@ -1,5 +1,5 @@
-"""Every ```python block of docs/api.md, and every block of README.md that starts with
-`import dsr_lightning as dsr`, runs: in an empty folder, with the session's tiny rejector
+"""Every ```python block of docs/api.md, and every block of README.md and the other docs pages
+that starts with `import dsr_lightning as dsr`, runs: in an empty folder, with the session's tiny rejector
 checkpoint copied wherever a block names a `.ckpt` file (the demo's, in the docs), and the
 documented draws (n0=100, n=1000) cut tenfold, so that all of them take seconds on a CPU (the
 same code runs; only the counts are smaller)."""
@@ -35,9 +35,10 @@ def _blocks(path: Path) -> list[str]:
 def _snippets() -> list[tuple[str, str]]:
     """(id, code) of every block to run."""
     out = [(f"api.md[{i}]", code) for i, code in enumerate(_blocks(API_MD))]
-    if README.is_file():
-        out += [(f"README.md[{i}]", code) for i, code in enumerate(_blocks(README))
-                if code.lstrip().startswith(DSR)]
+    for path in [README, *sorted((REPO / "docs").glob("*.md"))]:
+        if path != API_MD:
+            out += [(f"{path.name}[{i}]", code) for i, code in enumerate(_blocks(path))
+                    if code.lstrip().startswith(DSR)]
     return out
 
 
@@ -50,6 +51,14 @@ def test_the_api_page_shows_every_entry_point_in_a_block():
     for call in ("dsr.load(", ".certify(", ".predict(", "dsr.wrap(", "dsr.train_rejector(",
                  ".with_threshold(", ".to_frame()", "certified_accuracy(", "ConfigError"):
         assert call in code, f"docs/api.md has no block with {call}"
+
+
+def test_the_readme_has_the_five_line_example():
+    (code,) = [c for name, c in SNIPPETS if name.startswith("README.md")]
+    lines = code.strip().splitlines()
+    assert len(lines) == 5 and lines[0] == DSR
+    assert "dsr.load(" in lines[1] and ".certify(" in lines[3]
+    assert any(name.startswith("getting-started.md") for name, _ in SNIPPETS)
 
 
 @pytest.mark.parametrize("code", [c for _, c in SNIPPETS], ids=[n for n, _ in SNIPPETS])
