@@ -7,9 +7,10 @@ settings it was written under.
 
 What a results file guarantees (docs/DESIGN.md §8):
 - **One writer.** A writer holds an exclusive lock (files.FileLock) on the results file itself
-  for its whole run (WriterLock); a second process is refused at once, or waits (`wait=true`). The settings are
-  checked again under the lock, when the file is opened for writing. A killed writer's lock is
-  released by the OS, and no leftover file can be deleted to let a second writer in.
+  for its whole run (WriterLock); a second process is refused at once, or waits (`wait=true`).
+  The settings are checked again under the lock, when the file is opened for writing. A killed
+  writer's lock is released by the OS, and no leftover file can be deleted to let a second writer
+  in.
 - **Identity by content.** The record holds every setting that changes the numbers
   (IDENTITY_KEYS): the statistics, the noise, the device type, the data set's content fingerprint
   and split, and the sha256 of every checkpoint (classifier, denoiser, rejector). A file is only

@@ -23,7 +23,8 @@ import dsr_lightning.files as files
 from dsr_lightning.errors import ResultsError, TrainingError, WriteError
 from dsr_lightning.jobs import networks
 from dsr_lightning.jobs.run_checkpoint import RunCheckpoint
-from dsr_lightning.jobs.training import AtomicCheckpointIO, train
+from dsr_lightning.jobs.trainer_parts import AtomicCheckpointIO
+from dsr_lightning.jobs.training import train
 from dsr_lightning.models import build_arch, load_checkpoint, save_checkpoint
 from dsr_lightning.results import CERTIFY_COLUMNS, ResultsFile
 
