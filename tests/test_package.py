@@ -194,7 +194,7 @@ def test_callbacks_group(tiny_cfg):
     es = next(c for c in cbs if isinstance(c, EarlyStopping))
     assert (es.monitor, es.mode) == ("val/auroc", "max")
     cbs = build_callbacks(tiny_cfg("+callbacks.es._target_=pytorch_lightning.callbacks.EarlyStopping",
-                              "+callbacks.es.monitor=val/loss"))
+                                   "+callbacks.es.monitor=val/loss"))
     assert any(isinstance(c, EarlyStopping) and c.monitor == "val/loss" for c in cbs)
     assert [type(c).__name__ for c in build_callbacks(tiny_cfg("callbacks=none"))] == ["EpochTime"]
 
