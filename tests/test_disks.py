@@ -208,7 +208,7 @@ def test_an_export_path_below_a_file_is_one_error_before_training(tmp_path, monk
     assert not list(tmp_path.rglob("*.ckpt"))
 
 
-def test_overwrite_announces_the_network_it_replaces(tmp_path, monkeypatch, capsys):
+def test_overwrite_announces_the_network_it_replaces(tmp_path, monkeypatch, caplog):
     root, run = tmp_path / "pretrained", tmp_path / "run"
     cfg = compose_tiny(run, ["stage=classifier", f"pretrained_root={root}", "overwrite=true"])
     path = Path(cfg.classifier.path)
@@ -226,5 +226,5 @@ def test_overwrite_announces_the_network_it_replaces(tmp_path, monkeypatch, caps
             train(cfg)
     finally:
         HydraConfig.instance().cfg = None
-    lines = [ln for ln in capsys.readouterr().out.splitlines() if str(path) in ln]
+    lines = [r.getMessage() for r in caplog.records if str(path) in r.getMessage()]
     assert lines == [f"overwrite=true: this run's classifier will replace {path}"]
