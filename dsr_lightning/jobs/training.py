@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 
 from dsr_lightning.config import to_dict
 from dsr_lightning.config.schema import check_train
-from dsr_lightning.errors import ConfigError
+from dsr_lightning.errors import USER_ERRORS, ConfigError
 from dsr_lightning.files import RunFolderLock, check_writable
 from dsr_lightning.jobs import networks
 from dsr_lightning.jobs.interrupt import stop_on_signals
@@ -38,6 +38,54 @@ def output_dir(cfg: DictConfig) -> Path:
     if HydraConfig.initialized():
         return Path(HydraConfig.get().runtime.output_dir)
     return Path(cfg.trainer.get("default_root_dir") or "outputs")
+
+
+def train(cfg: DictConfig) -> dict:
+    """Run the configured stage; returns the metrics, the best checkpoint and its score, the
+    outputs and, with `certify=...`, the certification of the trained system."""
+    check_train(cfg)
+    out = output_dir(cfg)
+    with RunFolderLock(out) if is_main_process() else nullcontext():
+        return _train(cfg, out)
+
+
+def _train(cfg: DictConfig, out: Path) -> dict:
+    """The job's steps: check a resume, build the data and the task, check what fit needs, fit,
+    then export / choose the threshold / certify (_finish)."""
+    resumed = check_resume(cfg, cfg.ckpt_path) if cfg.get("ckpt_path") else None
+    pl.seed_everything(int(cfg.seed), workers=True)
+    run_config = to_dict(cfg)
+    datamodule = instantiate(cfg.data)
+    task, export = build_task(cfg, run_config, data_facts(datamodule))
+    _check_before_fit(cfg, run_config, resumed, datamodule, out)
+    if resumed and resumed.get("finished"):
+        return _certify_finished(cfg, task, datamodule, Path(str(cfg.ckpt_path)), out)
+    trainer, best_cb, last_cb = build_trainer(cfg, task, resumed)
+    with wandb_runs(trainer, task) as runs, \
+            stop_on_signals(lambda what: _stopped(what, cfg, trainer, out)):
+        trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        return _finish(cfg, task, trainer, best_cb, last_cb, export, out, runs)
+
+
+def _check_before_fit(cfg: DictConfig, run_config: dict, resumed: dict | None, datamodule,
+                      out: Path) -> None:
+    """What must hold before an epoch is spent: the baselines certify=... asks for can be
+    certified, a resumed run's networks are those it was started with, and threshold=auto has a
+    validation split to choose on."""
+    if cfg.stage.name == "rejector" and cfg.certify.systems:
+        from dsr_lightning.jobs.certification import check_plain_before_fit
+
+        check_plain_before_fit(cfg, out / "results")
+    if resumed:  # the networks built now from their files must be those the run was started with
+        networks.check_unchanged(resumed["networks"], {r: n for r, n in run_config["networks"].items()
+                                                       if cfg.stage.name != r},
+                                 f"ckpt_path={cfg.ckpt_path}")
+    if cfg.stage.name == "rejector" and cfg.rejector.threshold == "auto" \
+            and len(datamodule.dataset("val")) == 0:
+        raise ConfigError("rejector.threshold=auto chooses the threshold on the validation split, "
+                          "which is empty here (data.val_fraction, or a data set this small): "
+                          "set data.val_fraction=0.1 (or more images), or a numeric "
+                          "rejector.threshold=<logit>")
 
 
 def _export_target(path: str | None, overwrite: bool, role: str = "network") -> Path:
@@ -119,7 +167,7 @@ def _stage_task(cfg: DictConfig, run_config: dict, **built) -> pl.LightningModul
     try:
         task = make(**built, optim=cfg.optim, run_config=run_config)
     except (TypeError, ValueError) as e:
-        if isinstance(e, ConfigError):
+        if isinstance(e, USER_ERRORS):  # the package's own errors say what to do already
             raise
         raise ConfigError(f"stage.task: cannot build {node._target_}: {e}") from e
     if not isinstance(task, pl.LightningModule):
@@ -167,54 +215,6 @@ def _export(task, cfg: DictConfig, best: str | None, path: Path) -> None:
     extra = {"sigma": float(cfg.sigma)} if role == "denoiser" else {
         "noise_sd": float(cfg.classifier.noise_sd)}
     networks.export(path, role, net, recipe, config=to_dict(cfg), **extra)
-
-
-def train(cfg: DictConfig) -> dict:
-    """Run the configured stage; returns the metrics, the best checkpoint and its score, the
-    outputs and, with `certify=...`, the certification of the trained system."""
-    check_train(cfg)
-    out = output_dir(cfg)
-    with RunFolderLock(out) if is_main_process() else nullcontext():
-        return _train(cfg, out)
-
-
-def _train(cfg: DictConfig, out: Path) -> dict:
-    """The job's steps: check a resume, build the data and the task, check what fit needs, fit,
-    then export / choose the threshold / certify (_finish)."""
-    resumed = check_resume(cfg, cfg.ckpt_path) if cfg.get("ckpt_path") else None
-    pl.seed_everything(int(cfg.seed), workers=True)
-    run_config = to_dict(cfg)
-    datamodule = instantiate(cfg.data)
-    task, export = build_task(cfg, run_config, data_facts(datamodule))
-    _check_before_fit(cfg, run_config, resumed, datamodule, out)
-    if resumed and resumed.get("finished"):
-        return _certify_finished(cfg, task, datamodule, Path(str(cfg.ckpt_path)), out)
-    trainer, best_cb, last_cb = build_trainer(cfg, task, resumed)
-    with wandb_runs(trainer, task) as runs, \
-            stop_on_signals(lambda what: _stopped(what, cfg, trainer, out)):
-        trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-        return _finish(cfg, task, trainer, best_cb, last_cb, export, out, runs)
-
-
-def _check_before_fit(cfg: DictConfig, run_config: dict, resumed: dict | None, datamodule,
-                      out: Path) -> None:
-    """What must hold before an epoch is spent: the baselines certify=... asks for can be
-    certified, a resumed run's networks are those it was started with, and threshold=auto has a
-    validation split to choose on."""
-    if cfg.stage.name == "rejector" and cfg.certify.systems:
-        from dsr_lightning.jobs.certification import check_plain_before_fit
-
-        check_plain_before_fit(cfg, out / "results")
-    if resumed:  # the networks built now from their files must be those the run was started with
-        networks.check_unchanged(resumed["networks"], {r: n for r, n in run_config["networks"].items()
-                                                       if cfg.stage.name != r},
-                                 f"ckpt_path={cfg.ckpt_path}")
-    if cfg.stage.name == "rejector" and cfg.rejector.threshold == "auto" \
-            and len(datamodule.dataset("val")) == 0:
-        raise ConfigError("rejector.threshold=auto chooses the threshold on the validation split, "
-                          "which is empty here (data.val_fraction, or a data set this small): "
-                          "set data.val_fraction=0.1 (or more images), or a numeric "
-                          "rejector.threshold=<logit>")
 
 
 def _certify_finished(cfg: DictConfig, task, datamodule, ckpt_path: Path, out: Path) -> dict:
