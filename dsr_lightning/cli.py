@@ -10,7 +10,6 @@ job alone (dsr_lightning.jobs.sweeps) and the sweep goes on.
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Callable
 
@@ -18,10 +17,6 @@ import hydra
 from omegaconf import DictConfig
 
 from dsr_lightning.config import CONFIG_PATH, is_multirun
-
-
-def _main_process() -> bool:
-    return int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
 
 
 def run_job(fn: Callable[[DictConfig], dict], cfg: DictConfig,
@@ -33,6 +28,7 @@ def run_job(fn: Callable[[DictConfig], dict], cfg: DictConfig,
     from dsr_lightning.errors import USER_ERRORS, Interrupted
     from dsr_lightning.jobs import sweeps
     from dsr_lightning.jobs.console import quiet_third_party
+    from dsr_lightning.jobs.ranks import is_main_process
 
     quiet_third_party()
 
@@ -60,7 +56,7 @@ def run_job(fn: Callable[[DictConfig], dict], cfg: DictConfig,
             sweeps.record_failure(e, user_error=False)
             return None
         raise
-    if _main_process():
+    if is_main_process():
         report(result)
     return result.get("objective")
 

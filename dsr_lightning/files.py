@@ -9,6 +9,11 @@
   before long work so a full or read-only disk stops a job at its start, not at its end.
 - `write_error(path, exc, ...)`: the same one-line error for writes that cannot be atomic (appending
   to a locked results file).
+- `FileLock(path)`: one process at a time on a file or a folder: an exclusive lock held through an
+  open descriptor (flock on POSIX, msvcrt.locking on Windows, imported when a lock is taken, so the
+  package imports everywhere). The OS releases it when the holder dies; no lock file can look
+  stale. `RunFolderLock` is the training run's (one process per run folder); the results file's
+  writer lock (results.WriterLock) is built on it too.
 
 The bottom layer beside errors (docs/DESIGN.md §2): imports nothing of the package but errors.
 """
@@ -17,12 +22,13 @@ from __future__ import annotations
 
 import errno
 import os
+import time
 from collections.abc import Callable
 from contextlib import suppress
 from pathlib import Path
 from typing import IO, Any
 
-from dsr_lightning.errors import WriteError
+from dsr_lightning.errors import ConfigError, WriteError
 
 _ELSEWHERE = "or write elsewhere (another path or output folder)"
 # errno -> (the cause, what to do), for the messages
@@ -117,3 +123,136 @@ def check_writable(folder: str | os.PathLike, what: str, error: type[Exception] 
             with suppress(OSError):
                 p.rmdir()  # only if still empty
     return folder
+
+
+# -- locks -----------------------------------------------------------------------------------
+
+class Locked(Exception):
+    """FileLock.acquire(wait=False): another process holds the lock. Callers turn it into their
+    own one-line error (who holds it, what to do)."""
+
+
+# errno of a lock held by another process: flock (EWOULDBLOCK = EAGAIN), msvcrt (EACCES, EDEADLK)
+_BUSY = {errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES, getattr(errno, "EDEADLK", errno.EACCES)}
+
+
+def _lock_api(path: Path, error: type[Exception]):
+    """('flock', fcntl) on POSIX, ('msvcrt', msvcrt) on Windows, imported here (not when the
+    package is imported); elsewhere one `error` saying that this platform has no file locks."""
+    try:
+        import fcntl
+    except ImportError:
+        pass
+    else:
+        return "flock", fcntl
+    try:
+        import msvcrt
+    except ImportError:
+        raise error(f"cannot lock {path}: this platform has no file locks Python can use (neither "
+                    "fcntl, POSIX, nor msvcrt, Windows); run on Linux, macOS or Windows") from None
+    return "msvcrt", msvcrt
+
+
+class FileLock:
+    """An exclusive lock on `path`, a folder or a file (created if `create`), held through an open
+    descriptor from acquire() until release(), the end of a `with` block (an exception included)
+    or the process's death. A second holder, in this process or another, is refused (Locked) or,
+    with `wait`, polls until the first is done. Failures other than a held lock are one `error`.
+    The descriptor is not inherited: worker processes never hold the lock.
+
+    Windows cannot open a folder: a folder's lock is taken on a file `.lock` in it (left behind;
+    without the lock it holds nothing)."""
+
+    def __init__(self, path: str | os.PathLike, create: bool = False,
+                 error: type[Exception] = WriteError):
+        self.path, self.create, self.error = Path(path), create, error
+        self._fd: int | None = None
+        self._api: str | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def _open(self, api: str) -> int:
+        target, flags = self.path, os.O_RDWR | (os.O_CREAT if self.create else 0)
+        if self.path.is_dir():
+            target, flags = ((self.path / ".lock", os.O_RDWR | os.O_CREAT) if api == "msvcrt"
+                             else (self.path, os.O_RDONLY))
+        try:
+            return os.open(target, flags, 0o644)
+        except OSError as e:
+            raise self.error(f"cannot lock {self.path}: {e.strerror or e}") from None
+
+    def _try(self, fd: int, api: str, mod) -> bool:
+        try:
+            if api == "flock":
+                mod.flock(fd, mod.LOCK_EX | mod.LOCK_NB)
+            else:
+                mod.locking(fd, mod.LK_NBLCK, 1)
+            return True
+        except OSError as e:
+            if e.errno in _BUSY:
+                return False
+            os.close(fd)
+            raise self.error(f"cannot lock {self.path}: {e.strerror or e}") from None
+
+    def acquire(self, wait: bool = False, poll: float = 0.5,
+                waiting: Callable[[], None] | None = None) -> FileLock:
+        """Take the lock. Held elsewhere: raise Locked, or with `wait` call `waiting()` once (to
+        say so) and poll every `poll` seconds until it is free."""
+        if self._fd is not None:
+            return self
+        api, mod = _lock_api(self.path, self.error)
+        fd = self._open(api)
+        said = False
+        while not self._try(fd, api, mod):
+            if not wait:
+                os.close(fd)
+                raise Locked(str(self.path))
+            if not said and waiting is not None:
+                waiting()
+            said = True
+            time.sleep(poll)
+        self._fd, self._api = fd, api
+        return self
+
+    def release(self) -> None:
+        """Let the lock go (closing the descriptor releases it); nothing if it is not held."""
+        if self._fd is None:
+            return
+        if self._api == "msvcrt":
+            with suppress(OSError, ImportError):
+                import msvcrt
+
+                msvcrt.locking(self._fd, msvcrt.LK_UNLCK, 1)
+        os.close(self._fd)
+        self._fd = self._api = None
+
+    def __enter__(self) -> FileLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+class RunFolderLock(FileLock):
+    """One training process per run folder: the folder's FileLock, held for the whole job (a
+    second resume of the same last.ckpt is refused with one ConfigError)."""
+
+    def __init__(self, folder: str | os.PathLike):
+        super().__init__(folder, error=ConfigError)
+
+    def acquire(self, wait: bool = False, poll: float = 0.5,
+                waiting: Callable[[], None] | None = None) -> RunFolderLock:
+        if self.held:
+            return self
+        check_writable(self.path, "the run folder", hint="Run from a writable folder, or set "
+                       "hydra.run.dir=<a writable folder>", keep=True)
+        try:
+            super().acquire(wait, poll, waiting)
+        except Locked:
+            raise ConfigError(f"the run folder {self.path} is in use by another training process "
+                              "(a second resume of the same checkpoint?): one process per run. "
+                              "Wait for it to finish, or resume from a copy in another "
+                              "folder") from None
+        return self

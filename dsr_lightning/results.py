@@ -6,10 +6,11 @@ their analysis code reads it; counts and bounds follow. Beside it, `<file>.json`
 settings it was written under.
 
 What a results file guarantees (docs/DESIGN.md §8):
-- **One writer.** A writer holds an exclusive flock on the results file itself for its whole run
-  (WriterLock); a second process is refused at once, or waits (`wait=true`). The settings are
-  checked again under the lock, when the file is opened for writing. A killed writer's lock is
-  released by the OS, and no leftover file can be deleted to let a second writer in.
+- **One writer.** A writer holds an exclusive lock (files.FileLock) on the results file itself
+  for its whole run (WriterLock); a second process is refused at once, or waits (`wait=true`).
+  The settings are checked again under the lock, when the file is opened for writing. A killed
+  writer's lock is released by the OS, and no leftover file can be deleted to let a second writer
+  in.
 - **Identity by content.** The record holds every setting that changes the numbers
   (IDENTITY_KEYS): the statistics, the noise, the device type, the data set's content fingerprint
   and split, and the sha256 of every checkpoint (classifier, denoiser, rejector). A file is only
@@ -23,8 +24,8 @@ What a results file guarantees (docs/DESIGN.md §8):
 from __future__ import annotations
 
 import errno
-import fcntl
 import json
+import logging
 import os
 import time
 from contextlib import suppress
@@ -34,8 +35,10 @@ import numpy as np
 import pandas as pd
 
 from dsr_lightning.errors import ResultsError
-from dsr_lightning.files import atomic_write, write_error
+from dsr_lightning.files import FileLock, Locked, atomic_write, write_error
 from dsr_lightning.identity import sketch_difference, tolerance
+
+log = logging.getLogger(__name__)
 
 # the settings record's format (1: the first release, without content identity; 2: networks
 # identified by their weights files' hashes; 3: by what each network is, `networks`)
@@ -251,16 +254,16 @@ def _identity_diff(old: dict, new: dict) -> list[str]:
 
 
 class WriterLock:
-    """The one-writer rule of a results file: an exclusive flock on the results file itself, held
-    for the writer's whole run (the file is created empty if need be: an empty file is started
-    again, and one this lock created and left empty is removed on release). A killed writer's lock
-    is released by the OS; there is no lock file that could look stale, or be deleted to let a
-    second writer in. `<file>.writer` says who holds it, for the message only."""
+    """The one-writer rule of a results file: the results file's own files.FileLock, held for the
+    writer's whole run (the file is created empty if need be: an empty file is started again, and
+    one this lock created and left empty is removed on release). A killed writer's lock is
+    released by the OS; there is no lock file that could look stale, or be deleted to let a second
+    writer in. `<file>.writer` says who holds it, for the message only."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.info = Path(f"{self.path}.writer")
-        self._fd: int | None = None
+        self._lock = FileLock(self.path, create=True, error=ResultsError)
         self._created = False
 
     def prepare(self) -> None:
@@ -278,49 +281,37 @@ class WriterLock:
             raise ResultsError(f"{self.path} is a folder, not a results file: choose another "
                                "outfile=...")
 
+    def _holder(self) -> str:
+        try:
+            return self.info.read_text().strip() or "another process"
+        except OSError:
+            return "another process"
+
     def acquire(self, wait: bool = False, poll: float = 0.5) -> WriterLock:
         """Take the file for this process (held until release() or exit). Another holder: raise
         ResultsError, or with `wait` block until it is done."""
         self.prepare()
         self._created = not self.path.exists()
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        said = False
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError as e:
-                if e.errno not in (errno.EAGAIN, errno.EACCES):
-                    os.close(fd)
-                    raise ResultsError(f"cannot lock {self.path}: {e.strerror}") from None
-                try:
-                    holder = self.info.read_text().strip() or "another process"
-                except OSError:
-                    holder = "another process"
-                if not wait:
-                    os.close(fd)
-                    raise ResultsError(f"{self.path} is being written by {holder}: one writer at "
-                                       "a time. Wait for it (or pass wait=true to wait here), or "
-                                       "choose another outfile=...") from None
-                if not said:
-                    print(f"waiting for {holder} to finish {self.path} ...", flush=True)
-                    said = True
-                time.sleep(poll)
-        self._fd = fd
+        try:
+            self._lock.acquire(wait=wait, poll=poll, waiting=lambda: log.info(
+                "waiting for %s to finish %s ...", self._holder(), self.path))
+        except Locked:
+            raise ResultsError(f"{self.path} is being written by {self._holder()}: one writer at "
+                               "a time. Wait for it (or pass wait=true to wait here), or choose "
+                               "another outfile=...") from None
         with suppress(OSError):
             self.info.write_text(f"pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
         return self
 
     def release(self) -> None:
-        if self._fd is None:
+        if not self._lock.held:
             return
         with suppress(OSError):
             self.info.unlink()
         with suppress(OSError):  # created here and never written: leave nothing behind
             if self._created and self.path.stat().st_size == 0 and not settings_path(self.path).exists():
                 self.path.unlink()
-        os.close(self._fd)  # closing the descriptor releases the flock
-        self._fd = None
+        self._lock.release()
 
     def __enter__(self) -> WriterLock:
         return self

@@ -23,7 +23,8 @@ import dsr_lightning.files as files
 from dsr_lightning.errors import ResultsError, TrainingError, WriteError
 from dsr_lightning.jobs import networks
 from dsr_lightning.jobs.run_checkpoint import RunCheckpoint
-from dsr_lightning.jobs.training import AtomicCheckpointIO, train
+from dsr_lightning.jobs.trainer_parts import AtomicCheckpointIO
+from dsr_lightning.jobs.training import train
 from dsr_lightning.models import build_arch, load_checkpoint, save_checkpoint
 from dsr_lightning.results import CERTIFY_COLUMNS, ResultsFile
 
@@ -207,7 +208,7 @@ def test_an_export_path_below_a_file_is_one_error_before_training(tmp_path, monk
     assert not list(tmp_path.rglob("*.ckpt"))
 
 
-def test_overwrite_announces_the_network_it_replaces(tmp_path, monkeypatch, capsys):
+def test_overwrite_announces_the_network_it_replaces(tmp_path, monkeypatch, caplog):
     root, run = tmp_path / "pretrained", tmp_path / "run"
     cfg = compose_tiny(run, ["stage=classifier", f"pretrained_root={root}", "overwrite=true"])
     path = Path(cfg.classifier.path)
@@ -225,5 +226,5 @@ def test_overwrite_announces_the_network_it_replaces(tmp_path, monkeypatch, caps
             train(cfg)
     finally:
         HydraConfig.instance().cfg = None
-    lines = [ln for ln in capsys.readouterr().out.splitlines() if str(path) in ln]
+    lines = [r.getMessage() for r in caplog.records if str(path) in r.getMessage()]
     assert lines == [f"overwrite=true: this run's classifier will replace {path}"]

@@ -23,7 +23,8 @@ from dsr_lightning.cli import main as cli_main
 from dsr_lightning.config import CONFIG_DIR, compose
 from dsr_lightning.config.schema import check_train
 from dsr_lightning.errors import ConfigError
-from dsr_lightning.jobs.training import _callbacks, train
+from dsr_lightning.jobs.trainer_parts import build_callbacks
+from dsr_lightning.jobs.training import train
 
 ENV = {"OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0"}
 
@@ -183,25 +184,25 @@ def test_cli_schema_errors_name_the_key_without_traceback(tmp_path, monkeypatch,
 # --- callbacks ------------------------------------------------------------------------------
 
 def test_callbacks_group(tiny_cfg):
-    cbs = _callbacks(tiny_cfg())
+    cbs = build_callbacks(tiny_cfg())
     assert [type(c) for c in cbs[:3]] == [ModelCheckpoint, ModelCheckpoint, LearningRateMonitor]
     best, last = cbs[0], cbs[1]
     assert (best.monitor, best.mode, last.monitor) == ("val/auroc", "max", None)
-    cbs = _callbacks(tiny_cfg("callbacks=[default,early_stopping,rich_progress_bar]"))
+    cbs = build_callbacks(tiny_cfg("callbacks=[default,early_stopping,rich_progress_bar]"))
     names = [type(c).__name__ for c in cbs]
     assert "EarlyStopping" in names and "RichProgressBar" in names
     es = next(c for c in cbs if isinstance(c, EarlyStopping))
     assert (es.monitor, es.mode) == ("val/auroc", "max")
-    cbs = _callbacks(tiny_cfg("+callbacks.es._target_=pytorch_lightning.callbacks.EarlyStopping",
-                              "+callbacks.es.monitor=val/loss"))
+    cbs = build_callbacks(tiny_cfg("+callbacks.es._target_=pytorch_lightning.callbacks.EarlyStopping",
+                                   "+callbacks.es.monitor=val/loss"))
     assert any(isinstance(c, EarlyStopping) and c.monitor == "val/loss" for c in cbs)
-    assert [type(c).__name__ for c in _callbacks(tiny_cfg("callbacks=none"))] == ["EpochTime"]
+    assert [type(c).__name__ for c in build_callbacks(tiny_cfg("callbacks=none"))] == ["EpochTime"]
 
 
 def test_a_bad_callback_is_one_clear_error(tiny_cfg):
     with pytest.raises(ConfigError, match=r"callbacks.es: cannot build 'pytorch_lightning.callbacks"
                                           r".EarlyStop'"):
-        _callbacks(tiny_cfg("+callbacks.es._target_=pytorch_lightning.callbacks.EarlyStop"))
+        build_callbacks(tiny_cfg("+callbacks.es._target_=pytorch_lightning.callbacks.EarlyStop"))
 
 
 def test_trainer_callbacks_point_to_the_group(tiny_cfg):

@@ -35,10 +35,12 @@ from dsr_lightning.errors import (
     ResultsError,
     TrainingError,
 )
+from dsr_lightning.files import RunFolderLock
 from dsr_lightning.jobs.certification import certify
 from dsr_lightning.jobs.run_checkpoint import RunCheckpoint
 from dsr_lightning.jobs.threshold import main as threshold_main
-from dsr_lightning.jobs.training import AtomicCheckpointIO, RunFolderLock, train
+from dsr_lightning.jobs.trainer_parts import AtomicCheckpointIO
+from dsr_lightning.jobs.training import train
 from dsr_lightning.reports import certified_accuracy, load_results
 from dsr_lightning.results import CERTIFY_COLUMNS, ResultsFile, WriterLock, jsonable, read_settings
 from dsr_lightning.smoothing import ImageNoise

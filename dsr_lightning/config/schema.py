@@ -119,6 +119,9 @@ class StageConfig:
     mode: str = MISSING
     objective: str | None = None
     init_from: str | None = None
+    # the stage's LightningModule: _target_ and its options (conf/stage/*.yaml), built by the job
+    # with the networks it builds (jobs.training.build_task)
+    task: dict[str, Any] | None = None
 
 
 @dataclass

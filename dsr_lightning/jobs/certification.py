@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from dsr_lightning.identity import system_id
 from dsr_lightning.jobs import networks
 from dsr_lightning.jobs.interrupt import stop_on_signals
 from dsr_lightning.jobs.networks import DataFacts, data_facts
+from dsr_lightning.jobs.ranks import is_main_process
 from dsr_lightning.jobs.run_checkpoint import RunCheckpoint
 from dsr_lightning.models import SmoothingSystem
 from dsr_lightning.results import FORMAT, ResultsFile, WriterLock
@@ -262,10 +262,6 @@ def _device(trainer: pl.Trainer) -> torch.device:
                             .removesuffix("Accelerator").lower())
 
 
-def _main_process() -> bool:
-    return int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
-
-
 @dataclass
 class Certified:
     """One system a certification run writes: its name, spec (its bound), what it is (build_system's
@@ -327,7 +323,7 @@ def certify(cfg: DictConfig, adopt: bool = True) -> dict:
     explicit_bound = _explicit_bound(cfg)
     _never_rejecting(cfg)
     spec = spec_of(cfg)
-    main = _main_process()
+    main = is_main_process()
     if main:
         WriterLock(cfg.outfile).prepare()  # before any work: the folder is there and writable
     datamodule = instantiate(cfg.data)
