@@ -1,0 +1,102 @@
+"""How the package speaks: through `logging`, one logger per module
+(`log = logging.getLogger(__name__)`, all below the `dsr_lightning` logger).
+
+* Hydra jobs (train, certify) are set up by conf/hydra/job_logging/dsr.yaml: the console shows the
+  plain message (INFO on stdout, warnings and errors on stderr) and the job's `<name>.log` file in
+  its run folder gets every line of the package, DEBUG included, with time, logger and level.
+* The other entry points (dsr-report, the threshold and given-networks tools) and scripts using the
+  API call `console()`: the same plain console, with no file.
+* Per-image certification rows: `row_level(progress_bar)` (DEBUG while a progress bar is drawn,
+  so they reach the log file and leave the bar alone; INFO without a bar).
+* `main_process()`: rank zero, where a line or a file should come once from a multi-device run.
+
+This module imports nothing heavy: the logging configs import it.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+PACKAGE = "dsr_lightning"
+PLAIN = "%(message)s"
+DETAILED = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
+
+
+def get_logger(name: str) -> logging.Logger:
+    """The logger of a module (`get_logger(__name__)`); a bare name is put below the package's."""
+    return logging.getLogger(name if name.split(".")[0] == PACKAGE else f"{PACKAGE}.{name}")
+
+
+class _StdStream(logging.StreamHandler):
+    """A stream handler that writes to sys.stdout or sys.stderr as they are at each line (not as
+    they were when it was built): a redirected or captured stream is followed."""
+
+    stream_name = "stdout"
+
+    def __init__(self, level: int | str = logging.NOTSET):
+        logging.Handler.__init__(self, level)
+
+    @property
+    def stream(self):  # noqa: D102
+        return getattr(sys, self.stream_name)
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.setStream; the stream is always the current
+        pass
+
+
+class StdoutHandler(_StdStream):
+    """Lines to the current sys.stdout."""
+
+
+class StderrHandler(_StdStream):
+    """Lines to the current sys.stderr."""
+
+    stream_name = "stderr"
+
+
+class BelowLevel(logging.Filter):
+    """Keeps the records below `level` (the stdout console: warnings go to stderr instead)."""
+
+    def __init__(self, level: int | str = logging.WARNING):
+        super().__init__()
+        self.level = logging.getLevelName(level) if isinstance(level, str) else int(level)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < self.level
+
+
+class _Console:
+    """Marks the handlers console() added, so that a second call replaces them."""
+
+
+def console(level: int | str = logging.INFO) -> logging.Logger:
+    """The plain console for entry points that Hydra does not set up (dsr-report, the threshold
+    tool, a script using the API): the package's lines at `level` and above, the message alone,
+    on stdout (warnings and errors on stderr). Idempotent; returns the package's logger."""
+    log = logging.getLogger(PACKAGE)
+    for h in [h for h in log.handlers if isinstance(h, _Console)]:
+        log.removeHandler(h)
+    out, err = type("ConsoleOut", (StdoutHandler, _Console), {})(), \
+        type("ConsoleErr", (StderrHandler, _Console), {})(logging.WARNING)
+    out.addFilter(BelowLevel(logging.WARNING))
+    for h in (out, err):
+        h.setFormatter(logging.Formatter(PLAIN))
+        log.addHandler(h)
+    log.setLevel(level)
+    return log
+
+
+def row_level(progress_bar: bool) -> int:
+    """The level of a per-image line: DEBUG under a progress bar (the log file keeps it, the
+    console's bar is left alone), INFO without one (a log file or CI output is the progress)."""
+    return logging.DEBUG if progress_bar else logging.INFO
+
+
+def main_process() -> bool:
+    """Whether this process is rank zero (Lightning's rank: the strategy's once a Trainer runs,
+    else the launcher's environment variables)."""
+    from pytorch_lightning.utilities.rank_zero import rank_zero_only
+
+    return getattr(rank_zero_only, "rank", 0) == 0
