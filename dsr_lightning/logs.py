@@ -71,21 +71,49 @@ class _Console:
     """Marks the handlers console() added, so that a second call replaces them."""
 
 
-def console(level: int | str = logging.INFO) -> logging.Logger:
+class Console:
+    """What console() installed: `with console(): ...` takes it away again at the end (an entry
+    point run inside a longer-lived process, a test), `close()` does so by hand."""
+
+    def __init__(self, log: logging.Logger, level: int, handlers: list[logging.Handler]):
+        self.log, self._level, self.handlers = log, level, handlers
+
+    def close(self) -> None:
+        for h in self.handlers:
+            self.log.removeHandler(h)
+        self.log.setLevel(self._level)
+
+    def __enter__(self) -> logging.Logger:
+        return self.log
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class _ConsoleOut(StdoutHandler, _Console):
+    pass
+
+
+class _ConsoleErr(StderrHandler, _Console):
+    pass
+
+
+def console(level: int | str = logging.INFO) -> Console:
     """The plain console for entry points that Hydra does not set up (dsr-report, the threshold
     tool, a script using the API): the package's lines at `level` and above, the message alone,
-    on stdout (warnings and errors on stderr). Idempotent; returns the package's logger."""
+    on stdout (warnings and errors on stderr), no file. A second call replaces the first's
+    handlers. Inside a Hydra job (whose console is set up already) lines would show twice."""
     log = logging.getLogger(PACKAGE)
+    before = log.level
     for h in [h for h in log.handlers if isinstance(h, _Console)]:
         log.removeHandler(h)
-    out, err = type("ConsoleOut", (StdoutHandler, _Console), {})(), \
-        type("ConsoleErr", (StderrHandler, _Console), {})(logging.WARNING)
+    out, err = _ConsoleOut(), _ConsoleErr(logging.WARNING)
     out.addFilter(BelowLevel(logging.WARNING))
     for h in (out, err):
         h.setFormatter(logging.Formatter(PLAIN))
         log.addHandler(h)
     log.setLevel(level)
-    return log
+    return Console(log, before, [out, err])
 
 
 def row_level(progress_bar: bool) -> int:
