@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 import torch
+from torchmetrics.functional.image import peak_signal_noise_ratio
 
 import dsr_lightning
 from dsr_lightning.errors import CheckpointError
@@ -67,9 +68,8 @@ def evaluate(path: str | Path, images: int = EVAL_IMAGES) -> dict:
     with torch.no_grad():
         if "sigma" in entries:  # a denoiser: exported with the σ it was trained for
             sigma = float(entries["sigma"])
-            mse = ((net(x + sigma * noise).clamp(0, 1) - x) ** 2).mean()
-            return {"metric": "psnr_db", "value": float(-10 * torch.log10(mse)), "sigma": sigma,
-                    "images": len(x)}
+            psnr = peak_signal_noise_ratio(net(x + sigma * noise).clamp(0, 1), x, data_range=1.0)
+            return {"metric": "psnr_db", "value": float(psnr), "sigma": sigma, "images": len(x)}
         sd = float(entries.get("noise_sd") or 0.0)
         acc = (net(x + sd * noise).argmax(1) == y).float().mean()
         return {"metric": "accuracy", "value": float(acc), "noise_sd": sd, "images": len(x)}
