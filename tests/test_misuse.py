@@ -6,6 +6,7 @@ clear error with nothing written."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -36,7 +37,7 @@ def done_indices(path: Path) -> list[int]:
 # --- 1. one writer ------------------------------------------------------------------------------
 
 @pytest.mark.process
-def test_two_processes_on_one_results_file(tiny_pretrained, tmp_path, capsys):
+def test_two_processes_on_one_results_file(tiny_pretrained, tmp_path, capsys, caplog):
     """While one certify.py process writes a file, another process (this one) on the same file is
     refused (with the same settings or others); with wait=true it waits for the first, then finds
     every image done. No row is written twice, and the lock is gone at the end."""
@@ -57,8 +58,10 @@ def test_two_processes_on_one_results_file(tiny_pretrained, tmp_path, capsys):
                 certify_tiny(tiny_pretrained, None, tmp_path / "b", *args, *other)
         assert first.poll() is None, "the first writer ended before the refusals were checked"
         capsys.readouterr()
+        caplog.clear()
+        caplog.set_level(logging.INFO, logger="dsr_lightning")
         res = certify_tiny(tiny_pretrained, None, tmp_path / "w", *args, "wait=true")
-        waited = capsys.readouterr().out
+        waited = capsys.readouterr().out + caplog.text  # the lines, printed or logged
     finally:
         _, err = first.communicate(timeout=300)
     assert first.returncode == 0, err[-2000:]
