@@ -116,6 +116,25 @@ def console(level: int | str = logging.INFO) -> Console:
     return Console(log, before, [out, err])
 
 
+LIGHTNING = ("pytorch_lightning", "lightning_fabric", "lightning.pytorch", "lightning.fabric")
+
+
+def route_lightning() -> None:
+    """Lightning's lines through the logging that is set up (a Hydra job's: its console and its
+    log file). Imported before any was set up, Lightning gave its loggers a stderr handler of
+    their own and stopped them propagating; with handlers on the root logger, both are undone.
+    Idempotent."""
+    if not logging.getLogger().handlers:
+        return
+    for name in LIGHTNING:
+        log = logging.getLogger(name)
+        own = [h for h in log.handlers if type(h) is logging.StreamHandler]
+        if own and not log.propagate:
+            for h in own:
+                log.removeHandler(h)
+            log.propagate = True
+
+
 def row_level(progress_bar: bool) -> int:
     """The level of a per-image line: DEBUG under a progress bar (the log file keeps it, the
     console's bar is left alone), INFO without one (a log file or CI output is the progress)."""

@@ -124,3 +124,23 @@ def test_both_jobs_select_the_configs(name):
     assert job.handlers.console.formatter == "plain" and job.formatters.plain.format == "%(message)s"
     assert job.handlers.file.level == "DEBUG" and job.loggers.dsr_lightning.level == "DEBUG"
     assert launcher.formatters.plain.format == "%(message)s"
+
+
+def test_lightnings_lines_go_through_the_jobs_logging(monkeypatch, caplog):
+    """Lightning, imported before the job set up logging, has a stderr handler of its own and does
+    not propagate; route_lightning (run by every job) hands its lines to the job's handlers."""
+    from dsr_lightning.logs import route_lightning
+
+    own = logging.StreamHandler()
+    for name in ("pytorch_lightning", "lightning_fabric"):
+        log = logging.getLogger(name)
+        monkeypatch.setattr(log, "handlers", [own])
+        monkeypatch.setattr(log, "propagate", False)
+    caplog.set_level(logging.INFO, logger="pytorch_lightning")
+    logging.getLogger("pytorch_lightning.trainer").info("before")
+    assert "before" not in caplog.text
+    route_lightning()
+    logging.getLogger("pytorch_lightning.trainer").info("after")
+    assert "after" in caplog.text
+    for name in ("pytorch_lightning", "lightning_fabric"):
+        assert logging.getLogger(name).propagate and not logging.getLogger(name).handlers
