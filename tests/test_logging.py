@@ -144,3 +144,22 @@ def test_lightnings_lines_go_through_the_jobs_logging(monkeypatch, caplog):
     assert "after" in caplog.text
     for name in ("pytorch_lightning", "lightning_fabric"):
         assert logging.getLogger(name).propagate and not logging.getLogger(name).handlers
+
+
+def test_training_progress_lines_at_info_without_a_bar(caplog):
+    from types import SimpleNamespace
+
+    from dsr_lightning.tasks.progress import LogProgress
+
+    caplog.set_level(logging.DEBUG, logger="dsr_lightning")
+    for bar in (None, object()):
+        trainer = SimpleNamespace(progress_bar_callback=bar, is_global_zero=True,
+                                  num_training_batches=10, current_epoch=0, max_epochs=2,
+                                  callback_metrics={})
+        cb = LogProgress(every=0.0)
+        cb.on_train_epoch_start(trainer, None)
+        cb.on_train_batch_end(trainer, None, None, None, 4)
+        cb.on_train_epoch_end(trainer, None)
+    recs = [(r.name, r.levelname, r.getMessage()) for r in caplog.records]
+    assert [(n, lvl) for n, lvl, _ in recs] == [("dsr_lightning.tasks.progress", "INFO")] * 2
+    assert recs[0][2].startswith("epoch 1/2: 5/10 batches (50 %)") and "done in" in recs[1][2]
