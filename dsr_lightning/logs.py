@@ -1,9 +1,10 @@
 """How the package speaks: through `logging`, one logger per module
-(`log = logging.getLogger(__name__)`, all below the `dsr_lightning` logger).
+(`log = get_logger(__name__)`, all below the `dsr_lightning` logger), never print.
 
 * Hydra jobs (train, certify) are set up by conf/hydra/job_logging/dsr.yaml: the console shows the
   plain message (INFO on stdout, warnings and errors on stderr) and the job's `<name>.log` file in
-  its run folder gets every line of the package, DEBUG included, with time, logger and level.
+  its run folder gets every line of the package, DEBUG included, with time, logger and level;
+  `route_lightning()` (run by every job) sends Lightning's lines there too.
 * The other entry points (dsr-report, the threshold and given-networks tools) and scripts using the
   API call `console()`: the same plain console, with no file.
 * Per-image certification rows: `row_level(progress_bar)` (DEBUG while a progress bar is drawn,
@@ -20,7 +21,6 @@ import sys
 
 PACKAGE = "dsr_lightning"
 PLAIN = "%(message)s"
-DETAILED = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
 
 
 def get_logger(name: str) -> logging.Logger:
@@ -38,7 +38,7 @@ class _StdStream(logging.StreamHandler):
         logging.Handler.__init__(self, level)
 
     @property
-    def stream(self):  # noqa: D102
+    def stream(self):
         return getattr(sys, self.stream_name)
 
     @stream.setter
