@@ -17,6 +17,10 @@ import hydra
 from omegaconf import DictConfig
 
 from dsr_lightning.config import CONFIG_PATH, is_multirun
+from dsr_lightning.logs import get_logger
+from dsr_lightning.logs import main_process as _main_process
+
+log = get_logger(__name__)
 
 
 def run_job(fn: Callable[[DictConfig], dict], cfg: DictConfig,
@@ -28,7 +32,6 @@ def run_job(fn: Callable[[DictConfig], dict], cfg: DictConfig,
     from dsr_lightning.errors import USER_ERRORS, Interrupted
     from dsr_lightning.jobs import sweeps
     from dsr_lightning.jobs.console import quiet_third_party
-    from dsr_lightning.jobs.ranks import is_main_process
 
     quiet_third_party()
 
@@ -43,20 +46,20 @@ def run_job(fn: Callable[[DictConfig], dict], cfg: DictConfig,
                 raise e.__cause__ from None
             raise
     except Interrupted as e:  # the whole sweep stops too: the cluster wants the machine back
-        print(f"stopped: {e}", file=sys.stderr, flush=True)
+        log.error(f"stopped: {e}")
         sys.exit(e.exit_code)
     except USER_ERRORS as e:
         if multirun:
             sweeps.record_failure(e, user_error=True)
             return None
-        print(f"error: {e}", file=sys.stderr)
+        log.error(f"error: {e}")
         sys.exit(2)
     except Exception as e:
         if multirun:
             sweeps.record_failure(e, user_error=False)
             return None
         raise
-    if is_main_process():
+    if _main_process():
         report(result)
     return result.get("objective")
 
@@ -66,25 +69,26 @@ def _fmt(v) -> str:
 
 
 def report_train(result: dict) -> None:
-    print(f"\ntrained {result['epochs']} epoch(s); outputs in {result['output_dir']}")
+    log.info(f"\ntrained {result['epochs']} epoch(s); outputs in {result['output_dir']}")
     if result.get("best"):
-        print(f"best {result['monitor']} = {_fmt(result.get('best_score'))}: {result['best']}")
+        log.info(f"best {result['monitor']} = {_fmt(result.get('best_score'))}: {result['best']}")
     if result.get("last"):
-        print(f"last checkpoint: {result['last']}")
+        log.info(f"last checkpoint: {result['last']}")
     if result.get("export"):
-        print(f"exported the best network to {result['export']}")
+        log.info(f"exported the best network to {result['export']}")
     if result.get("threshold") is not None:
-        print(f"rejector threshold: {result['threshold']:.4g} ({result.get('threshold_note', '')})")
+        log.info(f"rejector threshold: {result['threshold']:.4g} "
+                 f"({result.get('threshold_note', '')})")
     for system, cert in (result.get("certification") or {}).items():
-        print(f"certified ({system}): {cert['file']}\n{cert['table']}")
+        log.info(f"certified ({system}): {cert['file']}\n{cert['table']}")
 
 
 def report_certify(result: dict) -> None:
     for res in (result, *result.get("also", [])):  # the systems of one pass, each its own file
-        print(f"\n{res['system']}: {res['outfile']}  ({res['done_before']} rows resumed, "
-              f"{res['todo']} certified now)\nsettings: {res['settings']}")
+        log.info(f"\n{res['system']}: {res['outfile']}  ({res['done_before']} rows resumed, "
+                 f"{res['todo']} certified now)\nsettings: {res['settings']}")
         if res.get("table"):
-            print(res["table"])
+            log.info(res["table"])
 
 
 def _train(cfg: DictConfig) -> float | None:

@@ -5,6 +5,8 @@ a run with a small batch that never ran out of memory, in every mode; other erro
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 import pytorch_lightning as pl
@@ -16,6 +18,19 @@ from dsr_lightning.models import SmoothingSystem
 from dsr_lightning.smoothing import ImageNoise, SmoothedClassifier
 from dsr_lightning.tasks import CertificationModule, CertificationSpec
 from dsr_lightning.tasks.batching import BackoffForward, is_out_of_memory, probe_batch
+
+
+@pytest.fixture
+def said(caplog):
+    """What the package logged (INFO and up) since the last call, as one text."""
+    caplog.set_level(logging.INFO, logger="dsr_lightning")
+
+    def read() -> str:
+        text = caplog.text
+        caplog.clear()
+        return text
+    return read
+
 
 LIMIT = 48  # samples a forward pass may hold (no gradient)
 GRAD_LIMIT = 12  # with gradient (mode=attack's passes)
@@ -115,27 +130,27 @@ def check_rows(rows: list[dict], cert) -> None:
     np.testing.assert_array_equal([r["radius"] for r in rows], cert.radius)  # exactly
 
 
-def test_auto_picks_a_batch_that_fits(big, capsys):
+def test_auto_picks_a_batch_that_fits(big, said):
     data, spec, cert = big
     net = MemoryBoundNet(LIMIT, in_channels=1)
     module, rows = run(net, spec_of("certify", "auto"), data)
     # 64 ran out of memory, 32 fits: the largest of 64 / 2^k within the limit
     assert module.batch == module.resolved_batch == 32 <= LIMIT
     assert module.batch_reason == "out of memory at 64"
-    out = capsys.readouterr().out
+    out = said()
     assert "certify: batch=auto -> 32 samples per forward pass (out of memory at 64)" in out
     assert "redoing" not in out  # the run itself never ran out of memory
     assert net.sizes[:2] == [64, 32] and max(net.sizes[2:]) == 32
     check_rows(rows, cert)
 
 
-def test_fixed_batch_backs_off(big, capsys):
+def test_fixed_batch_backs_off(big, said):
     data, spec, cert = big
     net = MemoryBoundNet(LIMIT, in_channels=1)
     module, rows = run(net, spec_of("certify", 200), data)
     assert module.resolved_batch == 200 and module.batch == 25  # 200 -> 100 -> 50 -> 25
     assert module.passes.backoffs == [(200, 100), (100, 50), (50, 25)]
-    out = capsys.readouterr().out
+    out = said()
     assert "certify: out of memory at 200 samples per forward pass -> 100" in out
     assert "batch=auto" not in out
     assert max(s for s in net.sizes if s <= LIMIT) == 25
@@ -145,18 +160,18 @@ def test_fixed_batch_backs_off(big, capsys):
 # -- every mode: rows identical whatever the batch, and whatever ran out of memory
 
 @pytest.mark.parametrize("mode", ["certify", "predict", "staged", "attack"])
-def test_rows_do_not_depend_on_batch(mode, capsys):
+def test_rows_do_not_depend_on_batch(mode, said):
     data = images(3, (3, 16, 16))
     ref_net = MemoryBoundNet(LIMIT, max_grad_batch=GRAD_LIMIT)
     _, ref = run(ref_net, spec_of(mode, 8), data)  # 8 samples per pass: never out of memory
     assert max(ref_net.sizes) <= 8
-    assert "out of memory" not in capsys.readouterr().out
+    assert "out of memory" not in said()
     if mode != "attack":  # the noise moves the answers: other draws would change the counts
         assert any(0 < r["n_A"] < r["N"] for r in ref), ref
     for batch in ("auto", 300):
         net = MemoryBoundNet(LIMIT, max_grad_batch=GRAD_LIMIT)
         module, rows = run(net, spec_of(mode, batch), data)
-        out = capsys.readouterr().out
+        out = said()
         np.testing.assert_equal(rows, ref)
         assert module.batch <= LIMIT and max(net.sizes) > LIMIT  # it did run out of memory
         if batch == 300:
@@ -169,17 +184,17 @@ def test_rows_do_not_depend_on_batch(mode, capsys):
 
 # -- the pieces
 
-def test_auto_cap(capsys):
+def test_auto_cap(said):
     data = images(1, (3, 16, 16))
     module = CertificationModule(SmoothingSystem(MemoryBoundNet(10**9)),
                                  spec_of("certify", "auto", N0=10, N=90), data, [0])
     assert module.batch is None and module.resolve_batch() == 100  # N0 + N
     assert "batch=auto -> 100 samples per forward pass (the cap: N0 + N = 100)" in (
-        capsys.readouterr().out)
+        said())
     module = CertificationModule(SmoothingSystem(MemoryBoundNet(10**9)),
                                  spec_of("predict", "auto", N=5000), data, [0])
     assert module.resolve_batch() == 1024  # the CPU's cap, below N
-    assert "(the CPU cap, 1024)" in capsys.readouterr().out
+    assert "(the CPU cap, 1024)" in said()
 
 
 def test_probe_batch():
@@ -216,14 +231,14 @@ def test_backoff_forward_splits_and_keeps_order():
     assert net.sizes[-6:] == [100, 50, 25, 25, 25, 25]
 
 
-def test_other_errors_are_not_swallowed(capsys):
+def test_other_errors_are_not_swallowed(said):
     data = images(2, (3, 16, 16))
     for batch in ("auto", 100):
         net = FailingNet(LIMIT)
         with pytest.raises(RuntimeError, match="CUDNN_STATUS_EXECUTION_FAILED") as err:
             run(net, spec_of("certify", batch), data)
         assert not isinstance(err.value, ConfigError)
-        assert "out of memory" not in capsys.readouterr().out
+        assert "out of memory" not in said()
 
 
 def test_out_of_memory_at_one_sample_is_a_clear_error():

@@ -5,6 +5,7 @@ ImageNet layout, symlinks) under tmp_path."""
 
 from __future__ import annotations
 
+import logging
 import os
 
 import numpy as np
@@ -81,7 +82,8 @@ def test_16_bit_tiff_32_bit_integers_and_float_images(tmp_path):
 
 # --- 2. every image type Pillow opens; other files noted ---------------------------------------
 
-def test_every_type_pillow_opens_is_an_image_and_other_files_are_noted(tmp_path, capsys):
+def test_every_type_pillow_opens_is_an_image_and_other_files_are_noted(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="dsr_lightning")
     root = tmp_path / "d"
     for split in ("train", "test"):
         for k, c in enumerate(("cat", "dog")):
@@ -101,7 +103,7 @@ def test_every_type_pillow_opens_is_an_image_and_other_files_are_noted(tmp_path,
     assert {os.path.splitext(p)[1] for p, _ in test.source.samples} == {
         ".png", ".jfif", ".TGA", ".gif", ".JPG"}
     assert all(train[i][0].shape == (3, 16, 16) for i in range(len(train)))
-    notes = [ln for ln in capsys.readouterr().out.splitlines() if "not images" in ln]
+    notes = [r.getMessage() for r in caplog.records if "not images" in r.getMessage()]
     assert len(notes) == 1, notes  # one for train; test has nothing to skip
     assert str(root / "train") in notes[0] and "skipped 6 file(s)" in notes[0]
     for name in ("cat/README.txt", "cat/.DS_Store", "cat/Thumbs.db"):
@@ -110,7 +112,8 @@ def test_every_type_pillow_opens_is_an_image_and_other_files_are_noted(tmp_path,
 
 # --- 3. symlink loops --------------------------------------------------------------------------
 
-def test_a_link_loop_does_not_multiply_the_images(tmp_path, capsys):
+def test_a_link_loop_does_not_multiply_the_images(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="dsr_lightning")
     root = make_image_folder(tmp_path / "d", train=3, test=2, size=(12, 12))
 
     def facts():
@@ -120,14 +123,16 @@ def test_a_link_loop_does_not_multiply_the_images(tmp_path, capsys):
 
     before = facts()
     os.symlink("..", root / "train" / "cat" / "back")  # to train/: every class again, as cats
-    capsys.readouterr()
+    caplog.clear()
     assert facts() == before  # counts and content fingerprints
-    note = [ln for ln in capsys.readouterr().out.splitlines() if "a loop" in ln]
+    note = [r.getMessage() for r in caplog.records if "a loop" in r.getMessage()]
+    caplog.clear()
     assert len(note) == 1 and "1 link(s)" in note[0] and "cat/back" in note[0], note
     os.symlink("../../..", root / "train" / "dog" / "up")  # to the root: test/ in train
     os.symlink("../owl", root / "train" / "dog" / "owls")  # another class's folder
     assert facts() == before
-    note = [ln for ln in capsys.readouterr().out.splitlines() if "a loop" in ln]
+    note = [r.getMessage() for r in caplog.records if "a loop" in r.getMessage()]
+    caplog.clear()
     assert len(note) == 1 and "3 link(s)" in note[0] and "dog/up" in note[0], note
     # a link to a folder elsewhere is still followed (once)
     outside = make_image_folder(tmp_path / "more", classes=("cat",), train=2, test=0)

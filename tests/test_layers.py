@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "dsr_lightning"
-# the errors, the file writes every layer uses (files.py) and what networks and systems are
-# (identity.py)
-BOTTOM = {"errors", "files", "identity"}
+# the errors, the file writes every layer uses (files.py), what networks and systems are
+# (identity.py) and how the package logs (logs.py)
+BOTTOM = {"errors", "files", "identity", "logs"}
 BELOW = {
     "errors": set(),
+    "logs": set(),  # logging conventions: the standard library (Lightning's rank, imported late)
     "identity": set(),  # network and system ids, probe comparison: numpy only
     "files": {"errors"},
     "smoothing": BOTTOM,

@@ -58,9 +58,10 @@ def test_two_processes_on_one_results_file(tiny_pretrained, tmp_path, capsys, ca
                 certify_tiny(tiny_pretrained, None, tmp_path / "b", *args, *other)
         assert first.poll() is None, "the first writer ended before the refusals were checked"
         capsys.readouterr()
-        with caplog.at_level(logging.INFO, logger="dsr_lightning"):
-            res = certify_tiny(tiny_pretrained, None, tmp_path / "w", *args, "wait=true")
-        waited = capsys.readouterr().out + caplog.text  # what it printed, and logged
+        caplog.clear()
+        caplog.set_level(logging.INFO, logger="dsr_lightning")
+        res = certify_tiny(tiny_pretrained, None, tmp_path / "w", *args, "wait=true")
+        waited = capsys.readouterr().out + caplog.text  # the lines, printed or logged
     finally:
         _, err = first.communicate(timeout=300)
     assert first.returncode == 0, err[-2000:]

@@ -277,8 +277,42 @@ def test_log_to_wandb_fake_run(files, tmp_path):
     assert not any(k.startswith("certify/") for k in data)  # scalars only for a single file
     one = FakeRun()
     log_to_wandb(one, files[:1], tmp_path / "w1")
-    assert one.logged[0]["certify/acc@0.5"] == 0.25
-    assert one.logged[0]["certify/acr"] == pytest.approx(0.275)
+    assert one.logged[0]["certify/rejection/acc@0.5"] == 0.25  # reports.wandb.metric_key
+    assert one.logged[0]["certify/rejection/acr"] == pytest.approx(0.275)
+    assert one.logged[0]["certify/rejection/reject"] == pytest.approx(0.175)
+    assert one.logged[0]["certify/rejection/images"] == 8
+
+
+class FakeJobRun(FakeRun):
+    """What reports.wandb.log_certification uses of a W&B run besides log."""
+
+    id = "fake"
+
+    def __init__(self):
+        super().__init__()
+        self.summary, self.artifacts = {}, []
+
+    def log_artifact(self, art):
+        self.artifacts.append(art)
+
+
+def test_job_and_report_log_one_key_scheme(files, tmp_path):
+    """The certification job (log_certification) and the report (log_to_wandb) log a results
+    file's numbers under the same keys, with the same values: certify/<system>/<name>."""
+    pytest.importorskip("wandb")
+    from dsr_lightning.reports.wandb import log_certification, metric_key
+
+    assert metric_key("denoised", "acc@0.25") == "certify/denoised/acc@0.25"
+    for path, system in zip(files, ("rejection", "plain")):
+        job, report = FakeJobRun(), FakeRun()
+        radii = [0.0, 0.25, 0.5, 0.75, 1.0, 1.25]
+        metrics = log_certification(job, system, path, radii)
+        log_to_wandb(report, [path], tmp_path / f"w_{system}", radii=radii)
+        scalars = {k: v for k, v in report.logged[0].items() if k.startswith("certify/")}
+        assert scalars == pytest.approx(metrics) and job.summary == metrics
+        assert set(metrics) == {metric_key(system, n) for n in (
+            "acr", "abstain", "reject", "images", *(f"acc@{r:g}" for r in radii))}
+        assert metrics[metric_key(system, "acc@0")] == 0.5
 
 
 def test_cli_wandb_offline_by_default(files, tmp_path, monkeypatch, capsys):

@@ -15,9 +15,11 @@ from torchvision import transforms as tvt
 from torchvision.datasets.folder import find_classes
 
 from dsr_lightning.errors import ConfigError, DataError
+from dsr_lightning.logs import get_logger
 
 from .base import IMAGENET_MEAN, IMAGENET_STD, SmoothingDataModule, path_tag
 
+log = get_logger(__name__)
 FOLDER_LAYOUT = ("<root>/train/<class>/<image>, <root>/test/<class>/<image> and optionally "
                  "<root>/val/<class>/<image> (one sub-folder per class, the same class folders "
                  "in each; .png/.jpg/... files)")
@@ -115,11 +117,11 @@ class ListedFolder:
                 f"no image files in the class folder(s) {', '.join(empty)}"
                 + (f" (other files skipped: {_few(skipped)})" if skipped else ""))
         if skipped:
-            print(f"data: {directory}: skipped {len(skipped)} file(s) that are not images Pillow "
-                  f"opens: {_few(skipped)}", flush=True)
+            log.info(f"data: {directory}: skipped {len(skipped)} file(s) that are not images "
+                     f"Pillow opens: {_few(skipped)}")
         if loops:
-            print(f"data: {directory}: did not follow {len(loops)} link(s) to a folder already "
-                  f"listed or holding this one (a loop): {_few(loops)}", flush=True)
+            log.warning(f"data: {directory}: did not follow {len(loops)} link(s) to a folder "
+                        f"already listed or holding this one (a loop): {_few(loops)}")
         return samples
 
 

@@ -23,13 +23,14 @@ from dsr_lightning.identity import system_id
 from dsr_lightning.jobs import networks
 from dsr_lightning.jobs.interrupt import stop_on_signals
 from dsr_lightning.jobs.networks import DataFacts, data_facts
-from dsr_lightning.jobs.ranks import is_main_process
 from dsr_lightning.jobs.run_checkpoint import RunCheckpoint
+from dsr_lightning.logs import get_logger, main_process
 from dsr_lightning.models import SmoothingSystem
 from dsr_lightning.results import FORMAT, ResultsFile, WriterLock
 from dsr_lightning.smoothing import check_stages, default_step_size, noise_scheme
 from dsr_lightning.tasks import CertificationModule, CertificationSpec, RowWriter
 
+log = get_logger(__name__)
 ATTACK_SCHEME = "smoothadv-l2/keep-weighted/v1"  # mode=attack's loss and steps (DESIGN §13)
 
 
@@ -97,9 +98,9 @@ def build_system(cfg: DictConfig, data: DataFacts | None = None) -> tuple[Smooth
     clf = networks.build("classifier", cfg.classifier, data=data)
     den = networks.build("denoiser", cfg.denoiser, sigma=cfg.sigma, data=data) \
         if name == "denoised" else None
-    print(networks.describe("classifier", clf.recipe), flush=True)
+    log.info(networks.describe("classifier", clf.recipe))
     if den is not None:
-        print(networks.describe("denoiser", den.recipe), flush=True)
+        log.info(networks.describe("denoiser", den.recipe))
     prints = {"classifier": networks.fingerprint("classifier", clf.recipe)}
     if den is not None:
         prints["denoiser"] = networks.fingerprint("denoiser", den.recipe)
@@ -233,8 +234,8 @@ def _never_rejecting(cfg: DictConfig) -> None:
     if t is None:
         t = RunCheckpoint.read(cfg.rejector_ckpt, weights=False).threshold()
     if math.isinf(float(t)) and float(t) > 0:
-        print(f"certify: the rejector's threshold is +inf (it never rejects): certified with one "
-              f"bound at alpha, bound=cohen, not bound={cfg.bound}", flush=True)
+        log.warning(f"certify: the rejector's threshold is +inf (it never rejects): certified with "
+                    f"one bound at alpha, bound=cohen, not bound={cfg.bound}")
         with open_dict(cfg):
             cfg.bound = "cohen"
 
@@ -323,7 +324,7 @@ def certify(cfg: DictConfig, adopt: bool = True) -> dict:
     explicit_bound = _explicit_bound(cfg)
     _never_rejecting(cfg)
     spec = spec_of(cfg)
-    main = is_main_process()
+    main = main_process()
     if main:
         WriterLock(cfg.outfile).prepare()  # before any work: the folder is there and writable
     datamodule = instantiate(cfg.data)
@@ -335,11 +336,10 @@ def certify(cfg: DictConfig, adopt: bool = True) -> dict:
                           "images in it)")
     systems = shared_systems(cfg, spec, built, explicit_bound)
     for c in systems:
-        print(f"certify: {c.system}" + (f" (threshold {c.built['threshold']:g})"
-                                        if c.built["threshold"] is not None else "") + ": "
-              + ", ".join(f"{role} {fp['recipe'].get('name') or ''}#{fp['id']}"
-                          for role, fp in c.built["networks"].items()) + f" -> {c.path}",
-              flush=True)
+        log.info(f"certify: {c.system}" + (f" (threshold {c.built['threshold']:g})"
+                                           if c.built["threshold"] is not None else "") + ": "
+                 + ", ".join(f"{role} {fp['recipe'].get('name') or ''}#{fp['id']}"
+                             for role, fp in c.built["networks"].items()) + f" -> {c.path}")
     shared = [(c.built["threshold"] if c.system == "rejection" else None, c.spec.bound)
               for c in systems] if len(systems) > 1 else None
     if not shared and system.rejector is not None and math.isinf(system.threshold) \
@@ -368,8 +368,8 @@ def certify(cfg: DictConfig, adopt: bool = True) -> dict:
             for f in files:
                 f.open()
         for f, d in zip(files, done):
-            print(f"certify: {sum(i not in d for i in todo)} images to go ({len(d)} already in "
-                  f"{f.path})", flush=True)
+            log.info(f"certify: {sum(i not in d for i in todo)} images to go ({len(d)} already "
+                     f"in {f.path})")
         if todo:
             trainer.callbacks.append(RowWriter(files, done=done, total=len(todo), names=[
                 c.system if c.built["threshold"] is None or len(systems) == 1
@@ -391,7 +391,7 @@ def certify(cfg: DictConfig, adopt: bool = True) -> dict:
         from dsr_lightning.results import read_table
 
         out["attack"] = attack_summary(read_table(files[0].path), files[0].settings)
-        print(format_summary(out["attack"]), flush=True)
+        log.info(format_summary(out["attack"]))
     return out
 
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 import logging
 import warnings
 
+from dsr_lightning.logs import route_lightning
+
 # Lightning's info lines that say nothing to our users: advertisements for its cloud products,
 # the accelerators it did not find (once per Trainer), the seed and the end of fit (the job prints
 # its seed in its config and says itself how training went)
@@ -26,7 +28,9 @@ class _DropAdverts(logging.Filter):
 
 
 def quiet_third_party() -> None:
-    """Install the filters (idempotent)."""
+    """Install the filters, and send Lightning's lines through the job's logging (its console
+    and log file: logs.route_lightning). Idempotent."""
+    route_lightning()
     for name in ("pytorch_lightning.utilities.rank_zero", "lightning.pytorch.utilities.rank_zero",
                  "lightning_fabric.utilities.seed", "lightning.fabric.utilities.seed"):
         log = logging.getLogger(name)

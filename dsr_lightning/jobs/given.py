@@ -20,11 +20,13 @@ import sys
 from pathlib import Path
 
 import torch
+from torchmetrics.functional.image import peak_signal_noise_ratio
 
 import dsr_lightning
 from dsr_lightning.errors import CheckpointError
 from dsr_lightning.files import atomic_write
 from dsr_lightning.jobs.networks import file_sha256
+from dsr_lightning.logs import console, get_logger
 from dsr_lightning.models import load_checkpoint, read_checkpoint
 
 GIVEN = Path(__file__).resolve().parent.parent / "pretrained_models"
@@ -32,6 +34,8 @@ EVAL_IMAGES = 200  # the first test images every record's figure is computed on
 EVAL_SEED = 0      # the noise of a noise-trained classifier's accuracy and of a denoiser's PSNR
 ACCURACY_TOL = 1 / EVAL_IMAGES  # one image: another CPU's rounding may flip a borderline one
 PSNR_TOL = 0.02    # dB
+
+log = get_logger(__name__)
 
 
 def provenance_path(path: str | Path) -> Path:
@@ -64,9 +68,8 @@ def evaluate(path: str | Path, images: int = EVAL_IMAGES) -> dict:
     with torch.no_grad():
         if "sigma" in entries:  # a denoiser: exported with the σ it was trained for
             sigma = float(entries["sigma"])
-            mse = ((net(x + sigma * noise).clamp(0, 1) - x) ** 2).mean()
-            return {"metric": "psnr_db", "value": float(-10 * torch.log10(mse)), "sigma": sigma,
-                    "images": len(x)}
+            psnr = peak_signal_noise_ratio(net(x + sigma * noise).clamp(0, 1), x, data_range=1.0)
+            return {"metric": "psnr_db", "value": float(psnr), "sigma": sigma, "images": len(x)}
         sd = float(entries.get("noise_sd") or 0.0)
         acc = (net(x + sd * noise).argmax(1) == y).float().mean()
         return {"metric": "accuracy", "value": float(acc), "noise_sd": sd, "images": len(x)}
@@ -107,6 +110,11 @@ def check(path: str | Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    with console():
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dsr_lightning.jobs.given",
                                      description="Provenance records of the given networks.")
     sub = parser.add_subparsers(dest="what", required=True)
@@ -119,15 +127,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     files = [Path(args.root)] if Path(args.root).is_file() else given_files(args.root)
     if not files:
-        print(f"error: no checkpoint.pth.tar below {args.root}", file=sys.stderr)
+        log.error(f"error: no checkpoint.pth.tar below {args.root}")
         return 2
     for f in files:
         try:
             r = record(f, args.command) if args.what == "record" else check(f)
         except CheckpointError as e:
-            print(f"error: {e}", file=sys.stderr)
+            log.error(f"error: {e}")
             return 2
-        print(f"{f}: {r['metric']} {r['value']:.4f}")
+        log.info(f"{f}: {r['metric']} {r['value']:.4f}")
     return 0
 
 

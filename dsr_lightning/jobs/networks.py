@@ -33,6 +33,7 @@ from torch import nn
 
 from dsr_lightning.errors import CheckpointError, ConfigError
 from dsr_lightning.identity import network_id, sketch_difference, tolerance
+from dsr_lightning.logs import get_logger
 from dsr_lightning.models import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -48,6 +49,7 @@ from dsr_lightning.models import (
 )
 from dsr_lightning.models.fingerprint import run_probe
 
+log = get_logger(__name__)
 ROLES = ("classifier", "denoiser")
 
 PUBLISHED = {
@@ -358,8 +360,8 @@ def build(role: str, spec, *, data: DataFacts | None = None, sigma: float | None
         if path is not None:
             load_weights(net, path, node.get("strip_prefix"), what=role)
         elif trained and not quiet:
-            print(f"{role}: no {role}.path: {node['net']['_target_']} as it builds itself "
-                  "(its own weights)", flush=True)
+            log.info(f"{role}: no {role}.path: {node['net']['_target_']} as it builds itself "
+                     "(its own weights)")
         recipe.update(net=node["net"])
     elif source == "diffusion":
         net, info = _diffusion(node, role, sigma, trained)

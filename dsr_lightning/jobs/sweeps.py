@@ -16,6 +16,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from dsr_lightning.logs import get_logger
+
+log = get_logger(__name__)
 FAILED = "FAILED.json"
 
 
@@ -42,9 +45,8 @@ def record_failure(err: BaseException, user_error: bool) -> dict:
     (out / FAILED).write_text(json.dumps(rec, indent=2) + "\n")
     where = f"job {num} ({' '.join(overrides) or 'no overrides'})"
     if not user_error:
-        print(rec["traceback"], file=sys.stderr, end="")
-    print(f"error: {where} failed: {err}\n  the other jobs go on; details in {out / FAILED}",
-          file=sys.stderr, flush=True)
+        log.error(rec["traceback"].rstrip("\n"))
+    log.error(f"error: {where} failed: {err}\n  the other jobs go on; details in {out / FAILED}")
     return rec
 
 
@@ -70,18 +72,22 @@ class SweepSummary(Callback):
         self.start = time.time() - 1.0
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from hydra.core.utils import configure_log
+
+        # the launcher's logging again (a job's own, with its log file, may still be set up)
+        configure_log(config.hydra.hydra_logging, config.hydra.verbose)
         sweep = Path(config.hydra.sweep.dir)
         failed = failures(sweep, getattr(self, "start", 0.0))
         jobs = [p.parent.parent for p in sweep.rglob(".hydra/config.yaml")
                 if p.stat().st_mtime >= getattr(self, "start", 0.0)]
-        print(f"\nsweep {sweep}: {len(jobs)} jobs, {len(jobs) - len(failed)} succeeded, "
-              f"{len(failed)} failed", flush=True)
+        log.info(f"\nsweep {sweep}: {len(jobs)} jobs, {len(jobs) - len(failed)} succeeded, "
+                 f"{len(failed)} failed")
         for rec in failed:
             # the error's first line and, for a longer one (a launcher's wrapped trace), its last
             lines = [ln.strip() for ln in str(rec.get("error", "")).splitlines() if ln.strip()]
             cause = " ... ".join(dict.fromkeys([lines[0], lines[-1]])) if lines else "(no message)"
             record = Path(str(rec.get("folder", sweep))) / FAILED
-            print(f"  FAILED job {rec.get('job')}: {' '.join(rec.get('overrides', []))}\n"
-                  f"    {rec.get('type', 'Error')}: {cause}\n    details: {record}", flush=True)
+            log.info(f"  FAILED job {rec.get('job')}: {' '.join(rec.get('overrides', []))}\n"
+                     f"    {rec.get('type', 'Error')}: {cause}\n    details: {record}")
         if failed:
             sys.exit(1)

@@ -13,9 +13,12 @@ import numpy as np
 import torch
 
 from dsr_lightning.jobs.run_checkpoint import RunCheckpoint
+from dsr_lightning.logs import console, get_logger
 from dsr_lightning.models import SmoothingSystem
 from dsr_lightning.smoothing import choose_threshold, collect_draws
 from dsr_lightning.smoothing.threshold import estimate
+
+log = get_logger(__name__)
 
 
 def select(system: SmoothingSystem, val, settings: dict, device) -> dict:
@@ -117,8 +120,12 @@ def _alpha(text: str) -> float:
 def main(argv: list[str] | None = None) -> int:
     """`python -m dsr_lightning threshold CKPT`: how f_R's certification moves with the threshold,
     on the validation draws of a rejector checkpoint (the diagnosis behind threshold=auto)."""
+    with console():
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     import argparse
-    import sys
 
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
@@ -148,19 +155,19 @@ def main(argv: list[str] | None = None) -> int:
         with torch.inference_mode():
             clean = system.classifier(xs).argmax(1).numpy()          # f(x), the paper's target
     except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
+        log.error(f"error: {e}")
         return 2
     K = system.num_classes
     right = draws["pred"] == draws["label"][:, None]
     target = draws["pred"] != clean[:, None]
-    print(f"{args.ckpt}: sigma={sigma:g}, {draws['pred'].shape[0]} validation images x "
+    log.info(f"{args.ckpt}: sigma={sigma:g}, {draws['pred'].shape[0]} validation images x "
           f"{args.draws} draws; estimates at N={N}, alpha={alpha:g}, bound=paper\n"
           f"f(D(x+e)) right on {100 * right.mean():.1f} % of draws; target b = 1[f(D(x+e)) != f(x)] "
           f"on {100 * target.mean():.1f} %; the checkpoint's threshold: {chosen}\n")
     ts = sorted(set(np.quantile(draws["logit"], np.linspace(0, 1, 11)[1:-1]).round(3).tolist())
                 | {0.0, np.inf} | ({chosen} if chosen is not None else set()))
-    print("| threshold | reject % | reject % (f right) | reject % (f wrong) | mean p_A | "
-          "mean p_A+p_R | est. ACR | est. acc r=0 |\n|---:|---:|---:|---:|---:|---:|---:|---:|")
+    log.info("| threshold | reject % | reject % (f right) | reject % (f wrong) | mean p_A | "
+             "mean p_A+p_R | est. ACR | est. acc r=0 |\n|---:|---:|---:|---:|---:|---:|---:|---:|")
 
     def pct(mask) -> str:
         return f"{100 * mask.mean():.1f}" if mask.size else "–"
@@ -169,6 +176,6 @@ def main(argv: list[str] | None = None) -> int:
         e = estimate(draws, t, K, sigma, N, alpha)
         rej = draws["logit"] > t
         mark = " (chosen)" if chosen is not None and t == chosen else ""
-        print(f"| {t:.3g}{mark} | {pct(rej)} | {pct(rej[right])} | {pct(rej[~right])} | "
-              f"{e['pA']:.3f} | {e['pAR']:.3f} | {e['acr']:.3f} | {100 * e['accuracy']:.1f} |")
+        log.info(f"| {t:.3g}{mark} | {pct(rej)} | {pct(rej[right])} | {pct(rej[~right])} | "
+                 f"{e['pA']:.3f} | {e['pAR']:.3f} | {e['acr']:.3f} | {100 * e['accuracy']:.1f} |")
     return 0

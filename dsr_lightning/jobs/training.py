@@ -23,7 +23,7 @@ from dsr_lightning.files import RunFolderLock, check_writable
 from dsr_lightning.jobs import networks
 from dsr_lightning.jobs.interrupt import stop_on_signals
 from dsr_lightning.jobs.networks import DataFacts, data_facts
-from dsr_lightning.jobs.ranks import is_main_process
+from dsr_lightning.logs import main_process
 from dsr_lightning.jobs.resume import check_resume
 from dsr_lightning.jobs.run_checkpoint import RunCheckpoint
 from dsr_lightning.jobs.threshold import choose_for_checkpoints, describe, selection_settings
@@ -45,7 +45,7 @@ def train(cfg: DictConfig) -> dict:
     outputs and, with `certify=...`, the certification of the trained system."""
     check_train(cfg)
     out = output_dir(cfg)
-    with RunFolderLock(out) if is_main_process() else nullcontext():
+    with RunFolderLock(out) if main_process() else nullcontext():
         return _train(cfg, out)
 
 
@@ -99,7 +99,7 @@ def _export_target(path: str | None, overwrite: bool, role: str = "network") -> 
     # before training, not after it: the folder must take the file
     check_writable(path.parent, f"the {role}'s folder", hint="Choose another pretrained_root=... "
                    f"or {role}.path=<file>")
-    if path.exists() and is_main_process():
+    if path.exists() and main_process():
         log.warning("overwrite=true: this run's %s will replace %s", role, path)
     return path
 

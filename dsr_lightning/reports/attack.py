@@ -16,8 +16,11 @@ import sys
 import pandas as pd
 
 from dsr_lightning.errors import ResultsError
+from dsr_lightning.logs import console, get_logger
 from dsr_lightning.results import ATTACK_COLUMNS, read_settings, read_table
 from dsr_lightning.smoothing import ABSTAIN
+
+log = get_logger(__name__)
 
 
 def attack_summary(frame: pd.DataFrame, settings: dict) -> dict:
@@ -71,7 +74,12 @@ def format_summary(summary: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    """`python -m dsr_lightning.reports.attack RESULTS_FILE`: the summary, on the plain console."""
+    with console():
+        return _main(sys.argv[1:] if argv is None else argv)
+
+
+def _main(argv: list[str]) -> int:
     if len(argv) != 1 or argv[0].startswith("-"):
         print("usage: python -m dsr_lightning.reports.attack RESULTS_FILE", file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
@@ -82,9 +90,9 @@ def main(argv: list[str] | None = None) -> int:
             raise ResultsError(f"{path}: not a mode=attack results file (mode={settings['mode']})")
         summary = attack_summary(read_table(path), settings)
     except (ValueError, FileNotFoundError) as e:  # ResultsError is a ValueError
-        print(f"error: {e}", file=sys.stderr)
+        log.error(f"error: {e}")
         return 2
-    print(format_summary(summary))
+    log.info(format_summary(summary))
     return 0
 
 

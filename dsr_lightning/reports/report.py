@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dsr_lightning.errors import ResultsError
+from dsr_lightning.logs import console, get_logger
 from dsr_lightning.results import identity_of, read_settings, read_table
 
 from .compare import compare, comparison_markdown, pair_rejection_with_baseline
@@ -47,6 +48,7 @@ from .tables import (
     table_radii,
 )
 
+log = get_logger(__name__)
 _SETTING_KEYS = (("system", "system"), ("sigma", "σ"), ("N0", "N0"), ("N", "N"),
                  ("alpha", "α"), ("bound", "bound"), ("seed", "seed"))
 
@@ -189,9 +191,12 @@ def write_report(paths, out_dir, labels=None, radii=None, folders=(), *, results
 def log_to_wandb(run, paths, out_dir, labels=None, radii=None, folders=(), **kwargs) -> dict:
     """write_report (kwargs passed on), then one `run.log` with the summary as a wandb.Table
     ('report/summary'), the figures as wandb.Image ('report/certified_accuracy',
-    'report/counts/<stem>'), and for a single file its numbers as scalars ('certify/acc@r',
-    'certify/acr', ...)."""
+    'report/counts/<stem>'), and for a single file its numbers as scalars under the keys the
+    certification job logs ('certify/<system>/acc@r', 'certify/<system>/acr', ...:
+    reports.wandb.certification_metrics)."""
     import wandb
+
+    from .wandb import certification_metrics
 
     res = write_report(paths, out_dir, labels, radii, folders, **kwargs)
     frame = res["frame"]
@@ -203,8 +208,7 @@ def log_to_wandb(run, paths, out_dir, labels=None, radii=None, folders=(), **kwa
             str(png), caption=f"rejected vs top-class draws: {Path(file).name}")
     if len(frame) == 1:
         row = frame.iloc[0]
-        payload.update({f"certify/{k}": float(row[k]) for k in frame.columns
-                        if k.startswith("acc@") or k in ("acr", "abstain", "reject")})
+        payload.update(certification_metrics(row.get("system") or file_label(row["file"]), row))
     run.log(payload)
     return res
 
@@ -334,24 +338,30 @@ def compare_main(argv) -> int:
     p.add_argument("--labels", nargs=2, help="display names of A and B")
     args = p.parse_args(argv)
     if err := radii_error(args.radii):
-        print(f"error: {err}", file=sys.stderr)
+        log.error(f"error: {err}")
         return 2
     try:
         a, b = read_result(args.a), read_result(args.b)
         radii = table_radii([a.frame, b.frame], args.radii)
         cmp = compare(a, b, radii)
     except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        log.error(f"error: {e}")
         return 2
     labels = args.labels or [file_label(args.a), file_label(args.b)]
-    print(f"{cmp.shared} shared images")
-    print(comparison_markdown(cmp, *labels))
+    log.info(f"{cmp.shared} shared images")
+    log.info(comparison_markdown(cmp, *labels))
     return 0
 
 
 def main(argv=None) -> int:
     """CLI; returns the exit code: 0, or 2 when a file is missing or unreadable, or an argument
-    is refused (one `error:` line on stderr, nothing written before the error is removed)."""
+    is refused (one `error:` line on stderr, nothing written before the error is removed). Its
+    lines go through logging, on the plain console (logs.console)."""
+    with console():
+        return _main(argv)
+
+
+def _main(argv) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "compare":
         return compare_main(argv[1:])
@@ -369,15 +379,15 @@ def main(argv=None) -> int:
                    help="also log to a W&B run (offline unless WANDB_MODE says otherwise)")
     args = p.parse_args(argv)
     if err := radii_error(args.radii):
-        print(f"error: {err}", file=sys.stderr)
+        log.error(f"error: {err}")
         return 2
     try:
         inputs = read_inputs(args.files)  # every file read and checked before anything is written
         for line in inputs.skipped:
-            print(line, file=sys.stderr)
+            log.warning(line)
         files = [r.path for r in inputs.results]
         if not files:  # attack files only: their summary (python -m dsr_lightning.reports.attack)
-            print("\n".join(attack_lines(inputs.attacks)).strip())
+            log.info("\n".join(attack_lines(inputs.attacks)).strip())
             return 0
         out = args.out or (inputs.folders[0] if inputs.folders else files[0].parent) / "report"
         kwargs = {"results": inputs.results, "skipped": inputs.skipped,
@@ -397,22 +407,22 @@ def main(argv=None) -> int:
         else:
             res = write_report(files, out, args.labels, args.radii, inputs.folders, **kwargs)
     except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        log.error(f"error: {e}")
         return 2
-    print(res["table"])
+    log.info(res["table"])
     if inputs.attacks:
-        print("\n".join(attack_lines(inputs.attacks)))
+        log.info("\n".join(attack_lines(inputs.attacks)))
     sweep = res.get("sweep") or {}
     if "table" in sweep:
-        print(sweep["table"])
+        log.info(sweep["table"])
         if "times" in sweep:
-            print(times_table(sweep["times"]))
+            log.info(times_table(sweep["times"]))
     if inputs.failures:
-        print(failures_summary(inputs.failures))
+        log.info(failures_summary(inputs.failures))
     written = [res["report"], res["certified_accuracy"], *res["counts"].values(),
                *(v for k, v in sweep.items() if k in ("panels", "T"))]
     for f in written:
-        print(f"wrote {f}")
+        log.info(f"wrote {f}")
     return 0
 
 

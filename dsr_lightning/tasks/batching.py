@@ -14,7 +14,9 @@ from collections.abc import Callable
 import torch
 
 from dsr_lightning.errors import ConfigError
+from dsr_lightning.logs import get_logger
 
+log = get_logger(__name__)
 AUTO = "auto"       # certify.batch=auto
 PROBE_START = 64    # the first batch batch=auto tries
 CPU_CAP = 1024      # a CPU allocation that fails is not reliably catchable: never probe above this
@@ -124,6 +126,6 @@ class BackoffForward:
         new = size // 2
         self.limit = new if self.limit is None else min(self.limit, new)
         self.backoffs.append((size, self.limit))
-        print(f"{self.name}: out of memory at {size} samples per forward pass -> {self.limit}; "
-              "redoing that chunk", flush=True)
+        log.warning(f"{self.name}: out of memory at {size} samples per forward pass -> "
+                    f"{self.limit}; redoing that chunk")
         release_memory(device)

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MeanMetric
+from torchmetrics.image import PeakSignalNoiseRatio
 
 from dsr_lightning.tasks.base import FrozenAwareModule
 
@@ -26,14 +27,15 @@ class DenoiserTask(FrozenAwareModule):
         if objective != "mse" and classifier is None:
             raise ValueError(f"objective={objective} needs the frozen classifier")
         self.denoiser, self.classifier, self.objective = denoiser, classifier, objective
-        self.val_mse, self.val_acc = MeanMetric(), MeanMetric()
+        # PSNR of the epoch's mean squared error (pixels in [0, 1], so the peak is 1)
+        self.val_psnr, self.val_acc = PeakSignalNoiseRatio(data_range=1.0), MeanMetric()
 
     def _step(self, batch: dict) -> dict:
         x, y, noisy = batch["x"], batch["y"], batch["noisy"]          # (B,..), (B,), (B*T,..)
         t = noisy.shape[0] // x.shape[0]
         clean = x.repeat_interleave(t, 0)                             # (B*T, C, H, W)
         z = self.denoiser(noisy)
-        out = {"mse": F.mse_loss(z, clean)}
+        out = {"mse": F.mse_loss(z, clean), "denoised": z, "clean": clean}
         if self.classifier is not None:
             with torch.set_grad_enabled(torch.is_grad_enabled() and self.objective != "mse"):
                 logits = self.classifier(z)                           # gradient flows into D only
@@ -62,12 +64,9 @@ class DenoiserTask(FrozenAwareModule):
         out = self._step(batch)
         n = len(batch["y"])
         self.log("val/loss", out["loss"], prog_bar=True, on_epoch=True, batch_size=n, sync_dist=True)
-        self.val_mse.update(out["mse"], n)
+        self.val_psnr.update(out["denoised"].detach(), out["clean"])
+        self.log("val/psnr", self.val_psnr, on_epoch=True)
         if "acc" in out:
             self.val_acc.update(out["acc"], n)
             self.log("val/acc", self.val_acc, on_epoch=True, batch_size=n)
 
-    def on_validation_epoch_end(self) -> None:
-        # PSNR of the epoch's mean squared error (pixels in [0,1], so the peak is 1)
-        self.log("val/psnr", -10 * torch.log10(self.val_mse.compute()))
-        self.val_mse.reset()

@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from dsr_lightning.errors import ConfigError
+from dsr_lightning.logs import get_logger, row_level
 from dsr_lightning.models.system import SharedDraws
 from dsr_lightning.results import COLUMNS, SPEC_KEYS, ResultsFile
 from dsr_lightning.smoothing import (
@@ -41,6 +42,7 @@ from dsr_lightning.tasks.batching import (
     release_memory,
 )
 
+log = get_logger(__name__)
 MODES = ("certify", "predict", "staged", "attack")
 
 
@@ -225,7 +227,7 @@ class CertificationModule(pl.LightningModule):
                 m.training = training
         if failed is not None:
             why = f"out of memory at {failed}"
-        print(f"certify: batch=auto -> {best} samples per forward pass ({why})", flush=True)
+        log.info(f"certify: batch=auto -> {best} samples per forward pass ({why})")
         self.passes.limit, self.resolved_batch, self.batch_reason = best, best, why
         self._resolved_on = dev
         return best
@@ -355,16 +357,18 @@ class CertificationModule(pl.LightningModule):
                         "certify.attack_draws, set certify.bf16=true, or use a device with more "
                         "memory") from err
             self._attack_limit = per // 2
-            print(f"certify: out of memory in the attack at {per} images x {spec.attack_draws} "
-                  f"draws per pass -> {per // 2}; redoing this step's attack", flush=True)
+            log.warning(f"certify: out of memory in the attack at {per} images x "
+                        f"{spec.attack_draws} draws per pass -> {per // 2}; redoing this step's "
+                        "attack")
             release_memory(x.device)
 
 
 class RowWriter(BasePredictionWriter):
     """Streams each step's rows to the results file (rank 0 alone) or to a shard per rank, and
-    prints one line per image. With several systems from shared draws (CertificationModule's
-    `shared`), a step gives one list of rows per system, written to `results[i]` except the
-    images `done[i]` holds already (each file resumes on its own)."""
+    logs one line per image (logs.row_level: DEBUG under a progress bar, so the job's log file
+    keeps it and the bar is left alone; INFO without one). With several systems from shared
+    draws (CertificationModule's `shared`), a step gives one list of rows per system, written to
+    `results[i]` except the images `done[i]` holds already (each file resumes on its own)."""
 
     def __init__(self, results: ResultsFile | list[ResultsFile], verbose: bool = True,
                  done: list[set[int]] | None = None, names: list[str] | None = None,
@@ -390,13 +394,14 @@ class RowWriter(BasePredictionWriter):
         for f, part, rows, done in zip(self.files, self._parts, per_system, self.done):
             if todo := [r for r in rows if r["idx"] not in done]:
                 f.append(todo, part)
-        if self.verbose:
-            for i, r in enumerate(per_system[0]):
-                self._seen += 1
+        level = row_level(trainer.progress_bar_callback is not None)
+        for i, r in enumerate(per_system[0]):
+            self._seen += 1
+            if self.verbose and log.isEnabledFor(level):
                 parts = [self._line(rows[i], name if self.shared else "")
                          for rows, name in zip(per_system, self.names)]
-                print(f"[certify]{self._progress(trainer)} idx {r['idx']:>5}  label {r['label']}  "
-                      + " | ".join(parts) + f"  {r['time']:.2f}s/img", flush=True)
+                log.log(level, f"[certify]{self._progress(trainer)} idx {r['idx']:>5}  label "
+                        f"{r['label']}  " + " | ".join(parts) + f"  {r['time']:.2f}s/img")
 
     def _progress(self, trainer) -> str:
         """' 12/100 (~3.1 min left)': this process's images so far, of its share of the run."""

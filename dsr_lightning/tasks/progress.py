@@ -10,6 +10,10 @@ import time
 
 import pytorch_lightning as pl
 
+from dsr_lightning.logs import get_logger
+
+log = get_logger(__name__)
+
 
 def interactive() -> bool:
     """Whether the output is a terminal (where a progress bar redraws in place)."""
@@ -38,9 +42,9 @@ class LogProgress(pl.Callback):
         total = trainer.num_training_batches
         done, rate = batch_idx + 1, (batch_idx + 1) / max(now - self._t0, 1e-9)
         left = (total - done) / rate if isinstance(total, int) and rate > 0 else float("nan")
-        print(f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}: {done}/{total} batches "
-              f"({100 * done / total:.0f} %), {rate:.2f} batches/s{self._loss(trainer)}, "
-              f"~{left:.0f} s left in the epoch", flush=True)
+        log.info(f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}: {done}/{total} "
+                 f"batches ({100 * done / total:.0f} %), {rate:.2f} batches/s"
+                 f"{self._loss(trainer)}, ~{left:.0f} s left in the epoch")
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         if self._quiet(trainer):
@@ -50,9 +54,9 @@ class LogProgress(pl.Callback):
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()
                    if k.startswith("val/") and v.numel() == 1}
         shown = ", ".join(f"{k} {v:.4g}" for k, v in sorted(metrics.items())[:4])
-        print(f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs} done in {took:.0f} s"
-              f"{self._loss(trainer)}{', ' + shown if shown else ''}"
-              + (f"; ~{left:.0f} s of training left" if left > 0 else ""), flush=True)
+        log.info(f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs} done in {took:.0f} s"
+                 f"{self._loss(trainer)}{', ' + shown if shown else ''}"
+                 + (f"; ~{left:.0f} s of training left" if left > 0 else ""))
 
     @staticmethod
     def _loss(trainer: pl.Trainer) -> str:
