@@ -16,7 +16,7 @@ from torch import nn
 
 from dsr_lightning.config import CONFIG_DIR, to_dict
 from dsr_lightning.data import SmoothingDataModule
-from dsr_lightning.jobs.networks import build_fresh
+from dsr_lightning.jobs.networks import build, build_fresh
 from dsr_lightning.models import DnCNN, ResNet, build_arch
 from dsr_lightning.tasks import phase_bounds
 from dsr_lightning.tasks.rejector import HEADS, TARGETS
@@ -85,6 +85,10 @@ def _required(group: str, opt: str, tmp: Path) -> list[str]:
         np.savez(tmp / "own.npz", x_train=x, y_train=np.arange(4) % 2, x_test=x[:2],
                  y_test=np.arange(2))
         return [f"data.path={tmp / 'own.npz'}"]
+    if (group, opt) == ("denoiser", "diffusion"):  # a tiny DDPM in diffusers' layout (offline)
+        from test_diffusion import save_model
+
+        return [f"denoiser.model={save_model(tmp / 'ddpm')}"]
     if opt == "file":
         net = ResNet(8) if group == "classifier" else DnCNN(depth=3)
         torch.jit.save(torch.jit.script(net), tmp / f"{group}.pt")
@@ -134,7 +138,10 @@ def test_classifier_options_build(tiny_cfg, tmp_path, opt):
 @pytest.mark.parametrize("opt", options("denoiser"))
 def test_denoiser_options_build(tiny_cfg, tmp_path, opt):
     cfg = tiny_cfg(f"denoiser={opt}", *_required("denoiser", opt, tmp_path), experiment=None)
-    net = build_fresh("denoiser", cfg.denoiser).eval()
+    if cfg.denoiser.source == "diffusion":  # pretrained, never trained fresh: built as given
+        net = build("denoiser", cfg.denoiser, sigma=0.25).module.eval()
+    else:
+        net = build_fresh("denoiser", cfg.denoiser).eval()
     x = torch.rand(1, 3, 32, 32)
     with torch.no_grad():
         assert net(x).shape == x.shape

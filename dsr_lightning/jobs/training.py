@@ -23,11 +23,11 @@ from dsr_lightning.files import RunFolderLock, check_writable
 from dsr_lightning.jobs import networks
 from dsr_lightning.jobs.interrupt import stop_on_signals
 from dsr_lightning.jobs.networks import DataFacts, data_facts
-from dsr_lightning.logs import main_process
 from dsr_lightning.jobs.resume import check_resume
 from dsr_lightning.jobs.run_checkpoint import RunCheckpoint
 from dsr_lightning.jobs.threshold import choose_for_checkpoints, describe, selection_settings
 from dsr_lightning.jobs.trainer_parts import build_trainer, instantiate_node, wandb_runs
+from dsr_lightning.logs import main_process
 from dsr_lightning.models.flops import count_flops
 from dsr_lightning.tasks import RejectorTask
 
