@@ -1,4 +1,4 @@
-"""`python -m dsr_lightning.threshold CKPT` (= `python -m dsr_lightning threshold CKPT`): an entry
+"""`python -m dsr_lightning.threshold CKPT` (= `dsr-threshold CKPT`): an entry
 point only; the code is jobs.threshold."""
 
 from dsr_lightning.cli import threshold_main

@@ -136,7 +136,7 @@ def test_resume_from_a_bad_checkpoint(tiny_pretrained, rejectors, tiny_cfg, tmp_
     with pytest.raises(ConfigError, match=r"has trained 1 epochs already and optim.epochs=1"):
         train(tiny_cfg(tiny_pretrained.override, f"ckpt_path={good}"))
     # the classifier stage's export is no Lightning checkpoint of train.py
-    with pytest.raises(CheckpointError, match="not a checkpoint of train.py"):
+    with pytest.raises(CheckpointError, match="not a checkpoint of dsr-train"):
         train(tiny_cfg(tiny_pretrained.override, f"ckpt_path={tiny_pretrained.classifier}",
                        "optim.epochs=3", "optim.phases.0.epochs=3"))
 

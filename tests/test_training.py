@@ -431,7 +431,7 @@ def test_missing_classifier_names_the_file_and_both_ways_out(tiny_cfg, tmp_path)
     msg = str(e.value)
     assert cfg.classifier.path in msg and "published" in msg
     # the hint names the config option as the command line spells it (tiny, not resnet8)
-    assert "python train.py stage=classifier classifier=tiny" in msg
+    assert "dsr-train stage=classifier classifier=tiny" in msg
 
 
 def test_missing_denoiser_names_the_file_and_both_ways_out(tiny_pretrained, tiny_cfg):
@@ -441,7 +441,7 @@ def test_missing_denoiser_names_the_file_and_both_ways_out(tiny_pretrained, tiny
     msg = str(e.value)
     assert cfg.denoiser.path in msg and "published" in msg
     # the option is `tiny` (the network is named dncnn_tiny, which is no option)
-    assert "python train.py stage=denoiser denoiser=tiny sigma=1" in msg
+    assert "dsr-train stage=denoiser denoiser=tiny sigma=1" in msg
 
 
 def test_denoiser_sigma_mismatch_is_refused(tiny_pretrained, tiny_cfg):

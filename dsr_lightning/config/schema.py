@@ -126,8 +126,8 @@ class StageConfig:
 
 @dataclass
 class CertifySettings:
-    """The keys of certify.py; in train.py the `certify` group (none | quick | paper | full)."""
-    systems: list[str] = field(default_factory=list)  # train.py: certified after fit
+    """The keys of dsr-certify; in dsr-train the `certify` group (none | quick | paper | full)."""
+    systems: list[str] = field(default_factory=list)  # dsr-train: certified after fit
     # the rejection system at other thresholds, from the same draws (ablation; each its own file)
     thresholds: list[float] = field(default_factory=list)
     N0: int = 100
@@ -191,7 +191,7 @@ class CertifyConfig(CommonConfig):
     T: int = 1  # (training only: the data modules read it)
     rejector_ckpt: str | None = None
     system: SystemConfig = MISSING
-    # certify.py's own keys: the `certify` node's values unless set here (N=..., alpha=...)
+    # dsr-certify's own keys: the `certify` node's values unless set here (N=..., alpha=...)
     N0: int = II("certify.N0")
     N: int = II("certify.N")
     alpha: float = II("certify.alpha")
@@ -221,7 +221,7 @@ class CertifyConfig(CommonConfig):
     thresholds: list[float] = II("certify.thresholds")  # f_R at other thresholds (ablation)
     wait: bool = False         # another process writes the same results file: wait for it
     allow_out_of_range: bool = False  # certify images with values outside [0, 1]
-    # train.py's groups that experiments set; certify.py rebuilds them from the checkpoint
+    # dsr-train's groups that experiments set; dsr-certify rebuilds them from the checkpoint
     rejector: Any = None
     optim: Any = None
 
@@ -276,7 +276,7 @@ def check_rejector(rej: DictConfig) -> None:
 
 
 def check_certify_settings(c, prefix: str = "") -> None:
-    """The certification numbers (certify.py's top level, or train.py's `certify` node)."""
+    """The certification numbers (dsr-certify's top level, or dsr-train's `certify` node)."""
     _alpha(f"{prefix}alpha", c.alpha)
     _, n = draws_setting(c.N0, c.N, prefix)
     for k in ("images_per_step", "skip"):
@@ -390,7 +390,7 @@ def check_data(data: DictConfig) -> None:
 
 
 def check_train(cfg: DictConfig) -> None:
-    """Ranges and choices of a composed train.py config; raises one ConfigError naming the key."""
+    """Ranges and choices of a composed dsr-train config; raises one ConfigError naming the key."""
     stage = _choice("stage", cfg.stage.name, STAGES)
     check_data(cfg.data)
     check_networks(cfg)
@@ -418,7 +418,7 @@ def check_train(cfg: DictConfig) -> None:
         check_certify_settings(cfg.certify, "certify.")
         if cfg.certify.mode != "certify":
             raise ConfigError(f"certify.mode={cfg.certify.mode}: the training job certifies with "
-                              "mode=certify; run certify.py for predict, staged or attack")
+                              "mode=certify; run dsr-certify for predict, staged or attack")
         for t in cfg.certify.thresholds:
             threshold_setting("certify.thresholds", t)
         if cfg.certify.thresholds and "rejection" not in cfg.certify.systems:
@@ -443,7 +443,7 @@ def check_shared(cfg: DictConfig, baseline: bool, thresholds: list, prefix: str 
 
 
 def check_certify(cfg: DictConfig) -> None:
-    """Ranges and choices of a composed certify.py config; raises one ConfigError naming the key."""
+    """Ranges and choices of a composed dsr-certify config; raises one ConfigError naming the key."""
     _choice("system", cfg.system.name, SYSTEMS)
     check_data(cfg.data)
     check_networks(cfg)

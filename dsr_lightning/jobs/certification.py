@@ -1,7 +1,7 @@
 """`certify(cfg)`: certify (or predict) a data split with one of three systems, through one path:
 rejection (f_R = classifier + denoiser + rejector heads, rebuilt from the rejector checkpoint),
 denoised (classifier + denoiser: Salman et al.) and plain (classifier: Cohen et al.).
-`certify_after_fit` runs the same function for train.py's `certify=...` after fit."""
+`certify_after_fit` runs the same function for dsr-train's `certify=...` after fit."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ ATTACK_SCHEME = "smoothadv-l2/keep-weighted/v1"  # mode=attack's loss and steps 
 
 
 def spec_of(cfg: DictConfig) -> CertificationSpec:
-    """The certification asked for by a (checked) certify.py config, built once."""
+    """The certification asked for by a (checked) dsr-certify config, built once."""
     staged, attack = cfg.mode == "staged", cfg.mode == "attack"
     stages, weights = (check_stages(list(cfg.stages), None if cfg.stage_weights is None
                                     else list(cfg.stage_weights)) if staged else ((), ()))
@@ -68,10 +68,10 @@ def build_system(cfg: DictConfig, data: DataFacts | None = None) -> tuple[Smooth
     if name == "rejection" or (name == "denoised" and ckpt_path):
         if not ckpt_path:
             raise ConfigError("system=rejection needs rejector_ckpt=<a rejector checkpoint of "
-                              "train.py> (or choose system=denoised|plain)")
+                              "dsr-train> (or choose system=denoised|plain)")
         if not Path(ckpt_path).exists():
             raise ConfigError(f"rejector checkpoint not found: {ckpt_path}\n  Train one "
-                              "with `python train.py denoiser=... sigma=...` and pass "
+                              "with `dsr-train denoiser=... sigma=...` and pass "
                               "rejector_ckpt=<run>/checkpoints/best.ckpt")
         ckpt = RunCheckpoint.read(ckpt_path)
         system, prints = ckpt.system(name, cfg.sigma,
@@ -140,7 +140,7 @@ def _command_line_keys() -> list[str]:
 def adopt_checkpoint(cfg: DictConfig, given: list[str] | None = None) -> None:
     """system=rejection (or system=denoised, the rejector's baseline) with rejector_ckpt=...: the
     networks, σ and (unless data=... is given) the data come from the rejector checkpoint, so
-    `certify.py rejector_ckpt=<best.ckpt>` alone certifies what was trained, on the data it was
+    `dsr-certify rejector_ckpt=<best.ckpt>` alone certifies what was trained, on the data it was
     trained for. A command-line setting of the classifier, the denoiser or σ that disagrees with
     the checkpoint is refused, naming the key."""
     if cfg.system.name not in ("rejection", "denoised") or not cfg.get("rejector_ckpt") \
@@ -167,7 +167,7 @@ def adopt_checkpoint(cfg: DictConfig, given: list[str] | None = None) -> None:
         if _differs(have, recorded):
             raise ConfigError(
                 f"{key}={_short(have)} disagrees with the rejector checkpoint {ckpt.path}, whose "
-                f"{key} is {_short(recorded)}: certify.py rebuilds the networks and sigma from the "
+                f"{key} is {_short(recorded)}: dsr-certify rebuilds the networks and sigma from the "
                 f"checkpoint; drop {key}=... (or train a rejector for it)")
     data_given = any(k == "data" for k in given)
     with open_dict(cfg):
@@ -412,7 +412,7 @@ def _summary(cfg: DictConfig, c: Certified, results: ResultsFile, done: set[int]
 
 
 def log_certify_run(cfg: DictConfig, out: dict) -> str:
-    """certify.py logger=wandb: a W&B run (offline unless said) with the certification; a
+    """dsr-certify logger=wandb: a W&B run (offline unless said) with the certification; a
     rejector trained with W&B links it: same group, its run id in the config."""
     from dsr_lightning.reports.wandb import log_certification
 
@@ -438,7 +438,7 @@ def log_certify_run(cfg: DictConfig, out: dict) -> str:
 
 def job_config(train_cfg: DictConfig, system: str, rejector_ckpt: str | None,
                outdir: Path) -> DictConfig:
-    """certify.py's config for a system certified by the training job: certify.yaml with the
+    """dsr-certify's config for a system certified by the training job: certify.yaml with the
     job's data, networks, σ, seed and `certify` node, on one device of the job's accelerator."""
     from dsr_lightning.config import compose, to_dict
 
@@ -482,13 +482,13 @@ def check_plain_before_fit(train_cfg: DictConfig, outdir: Path) -> None:
             f"certify.systems=[...,plain] certifies randomized smoothing of the classifier trained "
             f"with noise sigma={float(train_cfg.sigma):g}, but this classifier's file does not "
             "follow classifier.noise_sd (it is the job's own classifier): drop plain here and run "
-            "certify.py system=plain classifier.path=<your noise-trained classifier> instead")
+            "dsr-certify system=plain classifier.path=<your noise-trained classifier> instead")
     networks.check_path("classifier", node, None, needed=True)
 
 
 def certify_after_fit(train_cfg: DictConfig, rejector_ckpt: str, outdir: Path,
                       wandb_runs: list) -> dict:
-    """train.py certify=...: certify the trained f_R and each other system of certify.systems
+    """dsr-train certify=...: certify the trained f_R and each other system of certify.systems
     (denoised: the checkpoint's own classifier and denoiser, no rejector; plain: randomized
     smoothing of the job's classifier trained with noise σ, classifier.noise_sd=σ) on the same
     images and noise, through certify(): in one pass, the baseline's counts (and those of f_R at

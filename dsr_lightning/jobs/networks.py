@@ -103,7 +103,7 @@ def node_dict(spec: Any) -> dict:
 
 
 def train_hint(role: str, spec, sigma: float | None) -> str:
-    """The train.py command that makes the missing network, naming the config option (as the
+    """The dsr-train command that makes the missing network, naming the config option (as the
     command line spells it: `denoiser=tiny`, not the network's name)."""
     from hydra.core.hydra_config import HydraConfig
 
@@ -114,7 +114,7 @@ def train_hint(role: str, spec, sigma: float | None) -> str:
         # what else decides where the file goes: the experiment and pretrained_root, as given
         extra = [o for o in hc.overrides.task
                  if o.split("=")[0].lstrip("+~") in ("experiment", "pretrained_root", "data")]
-    cmd = f"python train.py stage={role} {role}={option}"
+    cmd = f"dsr-train stage={role} {role}={option}"
     if role == "classifier" and float(spec.get("noise_sd") or 0) > 0:
         cmd += f" classifier.noise_sd={float(spec['noise_sd']):g}"
     if role == "denoiser" and sigma is not None:

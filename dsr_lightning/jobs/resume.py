@@ -1,4 +1,4 @@
-"""What `ckpt_path=` may resume: a checkpoint of train.py whose method settings are those of the
+"""What `ckpt_path=` may resume: a checkpoint of dsr-train whose method settings are those of the
 run asked for. A checkpoint keeps the weights of its own settings, so resuming it under others
 (another σ, T, head, target, seed, denoiser, architecture, stage, data set) would record the new
 settings beside the old weights; it is refused, naming every difference."""

@@ -1,4 +1,4 @@
-"""The one reader of a checkpoint of train.py (a Lightning checkpoint with our entries): resume,
+"""The one reader of a checkpoint of dsr-train (a Lightning checkpoint with our entries): resume,
 certification, the threshold tool and the export all go through `RunCheckpoint`.
 
 Entries beside Lightning's own (DESIGN §4): `dsr_config` (the run's resolved config: how each
@@ -36,7 +36,7 @@ RESUME_HINT = "resume from <run>/checkpoints/last.ckpt"
 
 @dataclass
 class RunCheckpoint:
-    """A checkpoint of train.py, read once. `state_dict` is empty when read with weights=False
+    """A checkpoint of dsr-train, read once. `state_dict` is empty when read with weights=False
     (mapped: only the small entries are wanted)."""
 
     path: Path
@@ -49,7 +49,7 @@ class RunCheckpoint:
 
     @classmethod
     def read(cls, path: str | os.PathLike, *, weights: bool = True) -> RunCheckpoint:
-        """Read `path`; a missing, unreadable or foreign file (not written by train.py) is one
+        """Read `path`; a missing, unreadable or foreign file (not written by dsr-train) is one
         CheckpointError naming it."""
         path = Path(path)
         if path.is_dir():
@@ -61,9 +61,9 @@ class RunCheckpoint:
         raw = read_checkpoint(path, weights_only=False, mmap=not weights)  # our own Lightning file
         if not isinstance(raw, dict) or not isinstance(raw.get("dsr_config"), dict) \
                 or not isinstance(raw.get("state_dict"), dict):
-            raise CheckpointError(f"{path}: not a checkpoint of train.py (no state_dict or no "
+            raise CheckpointError(f"{path}: not a checkpoint of dsr-train (no state_dict or no "
                                   "dsr_config); pass <run>/checkpoints/best.ckpt or last.ckpt of a "
-                                  "train.py run")
+                                  "dsr-train run")
         choice = raw.get("dsr_threshold")
         return cls(path=path, config=raw["dsr_config"],
                    state_dict=raw["state_dict"] if weights else {},
@@ -103,11 +103,11 @@ class RunCheckpoint:
             raise CheckpointError(
                 f"{self.path}: rejector.threshold=auto was never chosen for these weights (the run "
                 "stopped before the choice after fit?). Certify the best.ckpt of a finished run, "
-                "or pass threshold=<a logit> to certify.py")
+                "or pass threshold=<a logit> to dsr-certify")
         if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value):
             raise CheckpointError(f"{self.path}: the rejector threshold {value!r} is not a number "
                                   "(an edited or damaged checkpoint?); pass threshold=<a logit> to "
-                                  "certify.py, or use an intact checkpoint")
+                                  "dsr-certify, or use an intact checkpoint")
         return float(value)
 
     # -- networks -----------------------------------------------------------------------------

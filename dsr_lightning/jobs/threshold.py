@@ -1,6 +1,6 @@
 """`rejector.threshold=auto` in a run: the threshold chosen once after fit for each checkpoint the
 run keeps (best, last), on the validation split, and written into that checkpoint; and the
-diagnosis CLI `python -m dsr_lightning threshold CKPT` (the table behind the choice). The statistics
+diagnosis CLI `dsr-threshold CKPT` (the table behind the choice). The statistics
 are smoothing.threshold (DESIGN §5).
 
 Only the validation split (held out of the training split) is read, never the test split: the
@@ -118,7 +118,7 @@ def _alpha(text: str) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m dsr_lightning threshold CKPT`: how f_R's certification moves with the threshold,
+    """`dsr-threshold CKPT`: how f_R's certification moves with the threshold,
     on the validation draws of a rejector checkpoint (the diagnosis behind threshold=auto)."""
     with console():
         return _main(argv)
@@ -132,8 +132,8 @@ def _main(argv: list[str] | None) -> int:
 
     from dsr_lightning.errors import USER_ERRORS
 
-    p = argparse.ArgumentParser(prog="python -m dsr_lightning threshold", description=main.__doc__)
-    p.add_argument("ckpt", help="a rejector checkpoint of train.py")
+    p = argparse.ArgumentParser(prog="dsr-threshold", description=main.__doc__)
+    p.add_argument("ckpt", help="a rejector checkpoint of dsr-train")
     p.add_argument("--images", type=_positive_int, default=200, help="validation images")
     p.add_argument("--draws", type=_positive_int, default=100, help="noise draws per image")
     p.add_argument("--N", type=_positive_int, default=None, help="default: the run's certify.N")

@@ -248,7 +248,7 @@ def _stopped(what: str, cfg: DictConfig, trainer: pl.Trainer, out: Path) -> str:
     last = out / "checkpoints" / "last.ckpt"
     kept = (f"the checkpoints written so far are kept in {last.parent}" if last.is_file()
             else "no epoch had finished, so no checkpoint was written")
-    hint = (f"resume with: python train.py {' '.join(_overrides())} ckpt_path={last}".replace("  ", " ")
+    hint = (f"resume with: dsr-train {' '.join(_overrides())} ckpt_path={last}".replace("  ", " ")
             if last.is_file() else "start it again")
     slurm = (" (under SLURM, Lightning requeues the job itself on the signal it is sent before "
              "the time limit)")

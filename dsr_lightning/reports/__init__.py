@@ -1,4 +1,4 @@
-"""Result files of certify.py: loading (each file once), certified-accuracy tables with 95 %
+"""Result files of dsr-certify: loading (each file once), certified-accuracy tables with 95 %
 intervals, the paper's figures, the sweep report, paired comparisons, per-class views, W&B."""
 
 from .compare import PAIR_KEYS, PairedComparison, check_paired, compare

@@ -31,7 +31,7 @@ def attack_summary(frame: pd.DataFrame, settings: dict) -> dict:
     missing = [c for c in ATTACK_COLUMNS if c not in frame.columns]
     if settings.get("mode") not in (None, "attack") or missing:
         what = f"mode={settings['mode']}" if settings.get("mode") else f"missing {', '.join(missing)}"
-        raise ResultsError(f"not a mode=attack results file ({what}): run certify.py mode=attack "
+        raise ResultsError(f"not a mode=attack results file ({what}): run dsr-certify mode=attack "
                            "radius=<ε>")
     eps = settings.get("radius")
     if eps is None:

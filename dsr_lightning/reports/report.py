@@ -1,8 +1,8 @@
 """A report over result files: report.md (tables with 95 % intervals, figures, paired comparisons,
 per-class views), the PNGs, optionally W&B; and the CLI
 
-    python -m dsr_lightning.reports FILES_OR_FOLDERS [--out DIR] [--labels ...] [--radii ...] [--wandb]
-    python -m dsr_lightning.reports compare A.tsv B.tsv [--radii ...]
+    dsr-report FILES_OR_FOLDERS [--out DIR] [--labels ...] [--radii ...] [--wandb]
+    dsr-report compare A.tsv B.tsv [--radii ...]
 
 Every results file (and its settings record) is read exactly once, into a `Result`, and the frames
 are passed down to the tables and figures. A folder argument stands for every results file below
@@ -165,7 +165,7 @@ def write_report(paths, out_dir, labels=None, radii=None, folders=(), *, results
         for i, j in pairs:
             if j is None:
                 md += [f"**{names[i]}**: no baseline among these files (none certifies the same "
-                       "classifier and denoiser at its σ on the same images and noise; `certify.py "
+                       "classifier and denoiser at its σ on the same images and noise; `dsr-certify "
                        "system=denoised rejector_ckpt=<its checkpoint>` certifies it).", ""]
                 continue
             cmp = compare(results[i], results[j], radii)
@@ -277,8 +277,8 @@ def read_inputs(args: list[Path]) -> Inputs:
             inputs.failures += find_failures(a)
             if not kept and not inputs.attacks:
                 why = f" ({len(found)} skipped)" if found else ""
-                raise FileNotFoundError(f"{a}: no results files below this folder{why} (certify.py "
-                                        "writes <outdir>/*.tsv; train.py certify=... writes "
+                raise FileNotFoundError(f"{a}: no results files below this folder{why} (dsr-certify "
+                                        "writes <outdir>/*.tsv; dsr-train certify=... writes "
                                         "<run>/results/*.tsv)")
             inputs.results += kept
             inputs.folders.append(a)
@@ -300,7 +300,7 @@ def attack_lines(attacks) -> list[str]:
     if not attacks:
         return []
     md = ["", "## An attack that checks the certificates", "",
-          "PGD on the smoothed classifier within the ℓ2 ball of radius ε (certify.py mode=attack). "
+          "PGD on the smoothed classifier within the ℓ2 ball of radius ε (dsr-certify mode=attack). "
           "Empirical robust accuracy must not fall below certified accuracy at ε, up to the α of "
           "each certificate; an alarm is an image certified at ε whose attacked prediction is "
           "another class.", "",
@@ -326,7 +326,7 @@ def radii_error(radii) -> str | None:
 def compare_main(argv) -> int:
     """`compare A B [--radii ...]`: the paired comparison of two results files; 0, or 2 (one
     `error:` line) when a file is unreadable or the two do not pair."""
-    p = argparse.ArgumentParser(prog="python -m dsr_lightning.reports compare",
+    p = argparse.ArgumentParser(prog="dsr-report compare",
                                 description="Paired comparison of two results files certified "
                                             "on the same images with the same noise: images "
                                             "certified by A only, B only, both, neither at each "
@@ -365,9 +365,9 @@ def _main(argv) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "compare":
         return compare_main(argv[1:])
-    p = argparse.ArgumentParser(prog="python -m dsr_lightning.reports",
+    p = argparse.ArgumentParser(prog="dsr-report",
                                 description="Certified-accuracy tables and figures from "
-                                            "certify.py results files (TSV), or from every results "
+                                            "dsr-certify results files (TSV), or from every results "
                                             "file below a folder (a sweep, an outputs folder). "
                                             "`compare A B` compares two files pairwise.")
     p.add_argument("files", nargs="+", type=Path, help="results files or folders")

@@ -1,4 +1,4 @@
-"""Result files of certify.py and the numbers the paper reports from them, with their uncertainty.
+"""Result files of dsr-certify and the numbers the paper reports from them, with their uncertainty.
 
 A result file is a TSV with one header line and one row per image; its first columns are those of
 Cohen et al.'s scripts (`idx label predict radius correct time`), so `pandas.read_csv(f, sep="\\t")`

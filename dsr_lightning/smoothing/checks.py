@@ -1,8 +1,8 @@
 """Argument checks shared by the smoothing statistics, the engine and the entry points.
 
 `check_*` raise ValueError naming the argument and saying why (the engine's own arguments).
-`*_setting` are the range rules of the settings a user gives, written once for certify.py and
-train.py (config/schema.py) and the Python API (api.py): each raises one ConfigError
+`*_setting` are the range rules of the settings a user gives, written once for dsr-certify and
+dsr-train (config/schema.py) and the Python API (api.py): each raises one ConfigError
 `key=value: must be ...` naming the key (a config key or an API argument). All return the cleaned
 value.
 """

@@ -9,7 +9,7 @@ the weights, to maximise a certification objective estimated on validation draws
 - for `images` validation images, `draws` noise draws each (per-image noise streams), the noisy
   prediction f(D(x+ε)) and its head logit are recorded once;
 - for every candidate t (quantiles of the observed logits, and +inf: never reject), the counts
-  per image follow; c_A is the top real class; the certificate is the one certify.py would give
+  per image follow; c_A is the top real class; the certificate is the one dsr-certify would give
   at the configured N and α if the probabilities were the observed frequencies;
 - objective `acr`: the mean certified radius of correct predictions (the ACR); `accuracy`: the
   certified accuracy at `radius`. Ties go to the larger ACR, then to the larger t (reject least).
@@ -17,7 +17,7 @@ the weights, to maximise a certification objective estimated on validation draws
 Only the validation split (held out of the training split) is used, never the test split; the
 chosen t is a fixed part of f_R before any test image is drawn, so the certificates stay sound.
 Every checkpoint of a run with threshold=auto carries the t chosen for its own weights
-(`dsr_threshold`), and certify.py uses it.
+(`dsr_threshold`), and dsr-certify uses it.
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def counts_at(pred: np.ndarray, logit: np.ndarray, t: float, num_classes: int) -
 
 def estimate(draws: dict, t: float, num_classes: int, sigma: float, N: int, alpha: float,
              bound: str = "paper", radius: float = 0.0) -> dict:
-    """What threshold t is worth on collected draws: the certificate certify.py would give each
+    """What threshold t is worth on collected draws: the certificate dsr-certify would give each
     image at N and α if the probabilities were the observed frequencies (c_A the top real class),
     and the mean frequencies p_A, p_A + p_R behind it."""
     pred, logit, label = draws["pred"], draws["logit"], draws["label"]

@@ -173,4 +173,4 @@ class FrozenAwareModule(pl.LightningModule):
                    "checkpoints" if trained else "Check the frozen network's checkpoint."))
         checkpoint["dsr_config"] = self.run_config
         if self.wandb_record:
-            checkpoint["dsr_wandb"] = self.wandb_record  # a resume or certify.py joins the run
+            checkpoint["dsr_wandb"] = self.wandb_record  # a resume or dsr-certify joins the run
