@@ -37,7 +37,7 @@ lint: ## ruff check
 	$(PY) -m ruff check .
 
 docs: install ## Build the documentation site into site/ (strict: a broken link fails)
-	$(PY) -m mkdocs build --strict
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
 
 bench: ## Speed benchmarks on this machine (engine vs reference loop; training throughput)
 	$(PY) benchmarks/bench_engine.py

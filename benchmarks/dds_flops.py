@@ -19,7 +19,11 @@ import argparse
 import torch
 import torchvision
 
-from dsr_lightning.models import Classifier, Rejector
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from dsr_lightning.config import CONFIG_DIR
+from dsr_lightning.models import Classifier
 from dsr_lightning.models.dncnn import DnCNN
 from dsr_lightning.models.flops import count_flops
 from dsr_lightning.models.resnet import ResNet
@@ -48,13 +52,13 @@ def unet_flops(size: int) -> float:
 
 
 def rejector_flops(f: Classifier | None, size: int, classes: int) -> float:
-    """The paper's rejector (ResNet-34-like, width 64), fused with f's features where it has
-    them, else unfused on the denoised image."""
+    """The default rejector (rejector=resnet34: the paper's ResNet-34-like net, its stem strided
+    above 64 px), fused with f's features where it has them, else unfused on the denoised image."""
     x = torch.zeros(1, 3, size, size)
     channels = f.feature_channels if f is not None else []
     feats = f.forward_features(x)[1] if f is not None else []
-    net = Rejector(num_classes=classes, feature_channels=channels, image_size=size, width=64,
-                   blocks=[3, 4, 6, 3])
+    node = OmegaConf.load(CONFIG_DIR / "rejector" / "resnet34.yaml").net
+    net = instantiate(node)(num_classes=classes, feature_channels=channels, image_size=size)
     return count_flops(net, x, feats) / GIGA
 
 

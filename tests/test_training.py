@@ -322,6 +322,9 @@ def test_resume_continues_epoch_and_phase(tiny_pretrained, tiny_cfg):
     full = train(tiny_cfg(*common))
     part = train(tiny_cfg(*common, "trainer.max_epochs=2"))
     assert (full["epochs"], part["epochs"]) == (3, 2)
+    for other in ("stage.task.pos_weight=7", "rejector.pos_weight=7"):  # the task's options
+        with pytest.raises(ConfigError, match=r"other settings(.|\n)*pos_weight"):
+            train(tiny_cfg(*common, f"ckpt_path={part['last']}", other))
     resumed = train(tiny_cfg(*common, f"ckpt_path={part['last']}"))
     assert resumed["epochs"] == full["epochs"] == 3
 

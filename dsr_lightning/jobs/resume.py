@@ -26,7 +26,9 @@ METHOD_KEYS = (
     ("rejector.net", ("rejector",)), ("rejector.head", ("rejector",)),
     ("rejector.target", ("rejector",)), ("rejector.pos_weight", ("rejector",)),
     ("rejector.correct_weight", ("rejector",)), ("rejector.focal_gamma", ("rejector",)),
+    ("stage.task", None),  # the task's options, however set (absent from older checkpoints)
 )
+SINCE = {"stage.task"}  # keys older checkpoints do not record: compared only where recorded
 
 
 def _get(d: dict, dotted: str):
@@ -57,7 +59,8 @@ def check_resume(cfg: DictConfig, ckpt_path: str) -> dict:
     old, new = ckpt.config, to_dict(cfg)
     stage = new["stage"]["name"]
     diff = [(k, _get(old, k), _get(new, k)) for k, stages in METHOD_KEYS
-            if (stages is None or stage in stages) and _get(old, k) != _get(new, k)]
+            if (stages is None or stage in stages) and _get(old, k) != _get(new, k)
+            and not (k in SINCE and _get(old, k) is None)]
     if _optimizers(old) != _optimizers(new):
         diff.append(("optim.phases (optimizers)", _optimizers(old), _optimizers(new)))
     if diff:
