@@ -581,7 +581,7 @@ def describe(role: str, recipe: dict) -> str:
     what = {"arch": recipe.get("arch"), "torchvision": f"torchvision {recipe.get('model')}",
             "module": (recipe.get("net") or {}).get("_target_"),
             "file": f"file {recipe.get('path')}",
-            "diffusion": f"the diffusion model {recipe.get('path')}"}[source]
+            "diffusion": "a diffusers DDPM"}[source]
     weights = recipe.get("weights") or recipe.get("path") or "its own weights"
     line = f"{role}: {recipe.get('name')} = {what} ({weights})"
     if source == "diffusion":
