@@ -326,3 +326,18 @@ def test_the_dds_experiment_is_the_diffusion_grid():
     check_train(compose("train", ["experiment=dds_cifar10", "classifier=torchvision",
                                   "classifier.model=vit_b_16", "classifier.path=vit.pth",
                                   "classifier.input_size=224"]))
+
+
+def test_the_documented_python_block_runs(model, capsys):
+    """docs/diffusion.md's Python block, with the tiny DDPM's folder for the hub id."""
+    import re
+
+    text = (REPO / "docs" / "diffusion.md").read_text()
+    (code,) = [c for c in re.findall(r"^```python\n(.*?)^```", text, flags=re.S | re.M)
+               if "load_diffusion" in c]
+    assert '"google/ddpm-cifar10-32"' in code
+    code = code.replace('"google/ddpm-cifar10-32"', repr(str(model)))
+    code = code.replace("n0=100, n=1000", "n0=10, n=100")
+    exec(compile(code, "docs/diffusion.md", "exec"), {"__name__": "__docs__"})
+    out = capsys.readouterr().out
+    assert f"{timestep_for(0.25, _alphas())} " in out and "Certificate(prediction=" in out
