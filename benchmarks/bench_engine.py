@@ -3,7 +3,7 @@
 Both paths certify the same images with the same base f_R and the same N0, N, batch size, sigma
 and statistics (certify_details), so what differs is the sampling:
   (a) engine: SmoothedClassifier.certify on all images at once: one stream of mixed-image chunks,
-      noise drawn on the device (`--noise image`, the default and certify.py's: each image its own
+      noise drawn on the device (`--noise image`, the default and dsr-certify's: each image its own
       counter-based stream, smoothing.ImageNoise; `--noise stream`: one generator for the call),
       counting on the device, one host sync;
   (b) reference (as Cohen et al.'s core.py / Salman et al.): one image at a time, an N0 selection
@@ -111,7 +111,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--system", choices=["tiny", "paper", "linear"], default="tiny")
     p.add_argument("--rejector-ckpt", default=None,
-                   help="a trained f_R instead: a rejector checkpoint of train.py (e.g. the demo's)")
+                   help="a trained f_R instead: a rejector checkpoint of dsr-train (e.g. the demo's)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--images", type=int, default=4)
     p.add_argument("--n0", type=int, default=100)
@@ -128,7 +128,7 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeats", type=int, default=2, help="timed runs per path, alternating; best")
     p.add_argument("--noise", choices=["image", "stream"], default="image",
-                   help="engine noise: per-image streams (certify.py) or one generator")
+                   help="engine noise: per-image streams (dsr-certify) or one generator")
     p.add_argument("--no-reference", action="store_true", help="time the engine only")
     p.add_argument("--compile", action="store_true", help="torch.compile the base (engine only)")
     a = p.parse_args()

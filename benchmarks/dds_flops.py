@@ -18,7 +18,6 @@ import argparse
 
 import torch
 import torchvision
-
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 

@@ -223,8 +223,17 @@ class Certificates(Sequence[Certificate]):
     @overload
     def __getitem__(self, i: str) -> np.ndarray: ...
 
+    def __contains__(self, item) -> bool:
+        """A column name (`"radius" in certs`, as the first version's dict answered), or a
+        Certificate of the batch."""
+        if isinstance(item, str):
+            return item in self._columns or (item == "N" and "n" in self._columns)
+        return any(item == c for c in self)
+
     def __getitem__(self, i):
         if isinstance(i, str):
+            if i == "N" and "N" not in self._columns:  # the first version's name of `n`
+                i = "n"
             if i not in self._columns:
                 hint = " (certify with labels=...)" if i in ("correct", "label") else ""
                 raise KeyError(f"no column {i!r}{hint}; the columns are "

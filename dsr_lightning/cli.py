@@ -1,7 +1,7 @@
-"""Console entry points: `dsr-train`, `dsr-certify`, `dsr-report`, and
-`python -m dsr_lightning {train,certify,report} ...`. The top-level train.py and certify.py call the
-same functions. Configs come from the package (`pkg://dsr_lightning.conf`), so an installed wheel
-works from any folder.
+"""Console entry points: `dsr-train`, `dsr-certify`, `dsr-report`, `dsr-threshold` (also
+`python -m dsr_lightning {train,certify,report,threshold} ...`). The top-level train.py and
+certify.py call the same functions. Configs come from the package (`pkg://dsr_lightning.conf`),
+so an installed wheel works from any folder.
 
 Every job ends by saying how it went. A user error (bad config value, missing or broken file) is
 one `error:` line on stderr and exit status 2, with nothing written; inside a sweep it fails that

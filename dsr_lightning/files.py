@@ -153,15 +153,21 @@ def _lock_api(path: Path, error: type[Exception]):
     return "msvcrt", msvcrt
 
 
+MSVCRT_OFFSET = 2**31 - 2  # Windows: the locked byte, past any results file's data
+
+
 class FileLock:
     """An exclusive lock on `path`, a folder or a file (created if `create`), held through an open
     descriptor from acquire() until release(), the end of a `with` block (an exception included)
     or the process's death. A second holder, in this process or another, is refused (Locked) or,
     with `wait`, polls until the first is done. Failures other than a held lock are one `error`.
-    The descriptor is not inherited: worker processes never hold the lock.
+    The descriptor is not inherited by processes the holder starts (exec); a forked process (a
+    DataLoader worker) shares it until it exits, which never outlives the holder's job.
 
-    Windows cannot open a folder: a folder's lock is taken on a file `.lock` in it (left behind;
-    without the lock it holds nothing)."""
+    On Windows (msvcrt, untested here) locks are mandatory per byte range: the lock is on one
+    byte far past any data (MSVCRT_OFFSET), so the holder's own writes through other handles are
+    not blocked; a folder, which Windows cannot open, is locked through a file `.lock` in it (left
+    behind; without the lock it holds nothing)."""
 
     def __init__(self, path: str | os.PathLike, create: bool = False,
                  error: type[Exception] = WriteError):
@@ -188,6 +194,7 @@ class FileLock:
             if api == "flock":
                 mod.flock(fd, mod.LOCK_EX | mod.LOCK_NB)
             else:
+                os.lseek(fd, MSVCRT_OFFSET, os.SEEK_SET)
                 mod.locking(fd, mod.LK_NBLCK, 1)
             return True
         except OSError as e:
@@ -224,6 +231,7 @@ class FileLock:
             with suppress(OSError, ImportError):
                 import msvcrt
 
+                os.lseek(self._fd, MSVCRT_OFFSET, os.SEEK_SET)
                 msvcrt.locking(self._fd, msvcrt.LK_UNLCK, 1)
         os.close(self._fd)
         self._fd = self._api = None

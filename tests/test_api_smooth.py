@@ -334,3 +334,14 @@ def test_the_top_level_names_are_the_apis_and_importing_the_package_stays_cheap(
     code = "import sys, dsr_lightning; print('torch' in sys.modules or 'numpy' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_the_first_versions_column_access_still_reads():
+    """`"radius" in certs` and `certs["N"]` (the first version's dict and its column name)."""
+    from dsr_lightning.api import Certificates
+
+    certs = Certificates({"prediction": [1, -1], "radius": [0.5, 0.0], "n": [100, 100]},
+                         bound="cohen", alpha=0.001, sigma=0.25)
+    assert "radius" in certs and "N" in certs and "pA_lower" not in certs
+    assert certs["N"].tolist() == certs["n"].tolist() == [100, 100]
+    assert certs[0] in certs

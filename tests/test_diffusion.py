@@ -1,12 +1,13 @@
 """Diffusion denoisers (models/diffusion.py, denoiser=diffusion): t* against the scheduler's ᾱ, the
 one-step estimate against its closed form, the [0, 1] range, σ beyond the schedule, the folder
-layouts of save_pretrained, and the chain train -> certify -> certify.py from the checkpoint alone
+layouts of save_pretrained, and the chain train -> certify -> dsr-certify from the checkpoint alone
 on a tiny random UNet2DModel saved into a temporary folder (offline). Also classifier.input_size
 (a classifier at its own resolution, with the rejector's fusion)."""
 
 from __future__ import annotations
 
 import csv
+import json
 import math
 import shutil
 import subprocess
@@ -91,30 +92,38 @@ def test_sigma_beyond_the_schedule_is_refused_naming_the_largest():
 
 
 class Oracle(torch.nn.Module):
-    """A 'UNet' that knows the clean image x0 (in [-1, 1]) and returns the exact target of its
-    prediction type for the input it gets: D must then give back x0 exactly."""
+    """A perfect model of the true noise: at any input it predicts the ε (or x0, or v) that made
+    the noisy images, x_t = √ᾱ x0 + √(1-ᾱ) ε at t*. D gives back x0 only if it fed the model the
+    input t* expects: the signal scaled by √ᾱ and the noise at √(1-ᾱ) (√ᾱ · 2σ ≈ √(1-ᾱ))."""
 
-    def __init__(self, x0: torch.Tensor, ab: float, kind: str):
+    def __init__(self, x0: torch.Tensor, eps: torch.Tensor, ab: float, kind: str):
         super().__init__()
-        self.x0, self.ab, self.kind = x0, ab, kind
+        self.x0, self.eps, self.ab, self.kind = x0, eps, ab, kind
 
     def forward(self, x_t, t):
         a, s = math.sqrt(self.ab), math.sqrt(1 - self.ab)
-        eps = (x_t - a * self.x0) / s  # the noise of x_t = √ᾱ x0 + √(1-ᾱ) ε
-        return {"epsilon": eps, "sample": self.x0, "v_prediction": a * eps - s * self.x0}[self.kind]
+        return {"epsilon": self.eps, "sample": self.x0,
+                "v_prediction": a * self.eps - s * self.x0}[self.kind]
 
 
 @pytest.mark.parametrize("kind", ["epsilon", "sample", "v_prediction"])
-def test_the_one_step_estimate_is_the_closed_form(kind):
+@pytest.mark.parametrize("sigma", [0.25, 0.5, 1.0])
+def test_the_one_step_estimate_is_the_closed_form(kind, sigma):
     ab = _alphas()
-    sigma = 0.5
     g = torch.Generator().manual_seed(0)
-    x = torch.rand(3, 3, 8, 8, generator=g)                    # clean images in [0, 1]
-    noisy = x + sigma * torch.randn(x.shape, generator=g)
+    x = torch.rand(3, 3, 8, 8, generator=g) * 0.5 + 0.25       # clean images inside [0, 1]
+    eps = torch.randn(x.shape, generator=g)
+    noisy = x + sigma * eps                                    # 2σε in the model's units
     t = timestep_for(sigma, ab)
-    den = DiffusionDenoiser(Oracle(2 * x - 1, float(ab[t]), kind), ab, sigma, kind)
-    assert den.timestep == t
-    torch.testing.assert_close(den(noisy), x, atol=1e-5, rtol=0)
+    den = DiffusionDenoiser(Oracle(2 * x - 1, eps, float(ab[t]), kind), ab, sigma, kind)
+    assert den.timestep == t and den.noise_mismatch < 2e-3
+    # exact up to the schedule's step: the noise left is ε · (2σ − √((1-ᾱ)/ᾱ)), a fraction
+    # noise_mismatch of 2σε
+    torch.testing.assert_close(den(noisy), x, atol=2e-2 * sigma, rtol=0)
+    if kind != "sample":  # an input without the √ᾱ scaling (or at another t) misses x0 by far
+        wrong = DiffusionDenoiser(Oracle(2 * x - 1, eps, float(ab[t + 40]), kind), ab, sigma, kind)
+        wrong.alpha_bar = float(ab[t + 40])
+        assert (wrong(noisy) - x).abs().max() > 0.05
 
 
 def test_a_real_unet_one_step_equals_its_formula_and_maps_into_unit_range():
@@ -175,13 +184,49 @@ def test_bad_model_references_are_one_clear_error(tmp_path):
         load_diffusion(str(tmp_path / "file.bin"), 0.25)
 
 
+def test_a_variance_exploding_model_is_refused(tmp_path):
+    """A score-SDE scheduler (sigma_min/sigma_max, no β schedule) is another process: refused,
+    never read as a DDPM with invented betas."""
+    folder = tmp_path / "ve"
+    _unet().save_pretrained(folder / "unet")
+    diffusers.ScoreSdeVeScheduler().save_pretrained(folder / "scheduler")
+    with pytest.raises(ConfigError, match="ScoreSdeVeScheduler has no β schedule"):
+        load_diffusion(str(folder), 0.25)
+
+
+def test_the_recipe_holds_the_model_files_configuration(model):
+    """What the recipe (and the network id) records of the UNet is its config.json as written, not
+    the installed diffusers' defaults on top of it; the scheduler's β schedule likewise."""
+    _, info = load_diffusion(str(model), 0.25)
+    written = json.loads((model / "unet" / "config.json").read_text())
+    assert info["unet"] == {k: v for k, v in written.items() if not k.startswith("_")}
+    sched = json.loads((model / "scheduler" / "scheduler_config.json").read_text())
+    assert info["scheduler"]["beta_schedule"] == sched["beta_schedule"]
+    assert info["scheduler"]["num_train_timesteps"] == 1000
+
+
+def test_a_relative_model_folder_is_recorded_as_an_absolute_path(model, tmp_path, monkeypatch):
+    """A rebuild from another working directory finds the folder (never a hub id of that name)."""
+    from omegaconf import OmegaConf
+
+    from dsr_lightning.jobs.networks import build, rebuild
+
+    shutil.copytree(model, tmp_path / "models" / "ddpm")
+    monkeypatch.chdir(tmp_path)
+    node = OmegaConf.create({"source": "diffusion", "model": "models/ddpm", "name": "ddpm"})
+    built = build("denoiser", node, sigma=0.25)
+    assert built.recipe["path"] == str(tmp_path / "models" / "ddpm")
+    monkeypatch.chdir(model.parent)
+    assert rebuild("denoiser", dict(built.recipe)).timestep == built.module.timestep
+
+
 def test_without_diffusers_the_error_names_the_extra(monkeypatch, model):
     monkeypatch.setitem(sys.modules, "diffusers", None)
     with pytest.raises(ConfigError, match=r'pip install "dsr_lightning\[diffusion\]"'):
         load_diffusion(str(model), 0.25)
 
 
-# --- the chain: train, certify in the job, certify.py from the checkpoint alone -----------------
+# --- the chain: train, certify in the job, dsr-certify from the checkpoint alone ----------------
 
 def _train(tiny, out: Path, *overrides: str) -> dict:
     from dsr_lightning.jobs.training import train
@@ -255,10 +300,13 @@ def test_sigma_beyond_the_schedule_and_a_diffusion_stage_are_refused(tiny_pretra
 
 
 @pytest.mark.process
-def test_certify_py_from_the_checkpoint_alone(chain, tmp_path):
-    """The command a user types, in a new process: certify.py with nothing but the checkpoint."""
+def test_dsr_certify_from_the_checkpoint_alone(chain, tmp_path):
+    """The command a user types, in a new process: dsr-certify (the installed console script)
+    with nothing but the checkpoint."""
     _, result = chain
-    proc = subprocess.run([sys.executable, str(REPO / "certify.py"), f"rejector_ckpt={result['best']}",
+    script = Path(sys.executable).parent / "dsr-certify"
+    assert script.is_file(), "the package is not installed with its console scripts (make install)"
+    proc = subprocess.run([str(script), f"rejector_ckpt={result['best']}",
                            "N0=10", "N=50", "max=2", "batch=64", f"outdir={tmp_path}",
                            f"hydra.run.dir={tmp_path / 'run'}", "trainer.accelerator=cpu"],
                           capture_output=True, text=True, env=env(), cwd=tmp_path, timeout=600)
@@ -283,7 +331,7 @@ def test_classifier_input_size_resizes_inside_and_keeps_fusion():
     assert seen[-1] == (2, 3, 32, 32) and logits.shape == (2, 10)
     assert [t.shape[-1] for t in feats] == [32, 16, 8]  # the net's maps, at its own size
     big = torch.nn.functional.interpolate(x, size=(32, 32), mode="bicubic", antialias=True,
-                                          align_corners=False).clamp(0, 1)
+                                          align_corners=False)
     plain = Classifier(net, input_shape=(3, 32, 32)).eval()
     torch.testing.assert_close(f(x), plain(big))
     with pytest.raises(ConfigError, match="classifier.input_size"):

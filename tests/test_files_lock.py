@@ -172,3 +172,40 @@ def test_a_bad_task_node_is_one_config_error(tiny_cfg):
         build_task(tiny_cfg("stage=classifier", "stage.task._target_=dsr_lightning.tasks.Nope"), {})
     with pytest.raises(ConfigError, match=r"stage.task: cannot build .*ClassifierTask"):
         build_task(tiny_cfg("stage=classifier", "+stage.task.bogus=1"), {})
+
+
+def test_on_windows_the_lock_is_on_a_byte_past_the_data(tmp_path, monkeypatch):
+    """The msvcrt path (Windows' mandatory byte-range locks), with a stand-in msvcrt that records
+    where it locks: one byte at MSVCRT_OFFSET, never the header and rows the holder writes; a lock
+    held elsewhere (EACCES) is refused; a folder is locked through its `.lock` file."""
+    import errno
+    import types
+
+    from dsr_lightning import files
+
+    calls, busy = [], set()
+
+    def locking(fd, mode, nbytes):
+        where = (os.fstat(fd).st_ino, os.lseek(fd, 0, os.SEEK_CUR))
+        calls.append((mode, where[1], nbytes))
+        if mode == fake.LK_NBLCK:
+            if where in busy:
+                raise OSError(errno.EACCES, "locked")
+            busy.add(where)
+        else:
+            busy.discard(where)
+
+    fake = types.SimpleNamespace(LK_NBLCK=2, LK_UNLCK=0, locking=locking)
+    monkeypatch.setitem(sys.modules, "fcntl", None)
+    monkeypatch.setitem(sys.modules, "msvcrt", fake)
+    target = tmp_path / "results.tsv"
+    target.write_text("header\n")
+    with files.FileLock(target):
+        assert calls == [(fake.LK_NBLCK, files.MSVCRT_OFFSET, 1)]
+        with pytest.raises(files.Locked):
+            files.FileLock(target).acquire()
+        with open(target, "a") as f:  # the holder's own rows, through another handle
+            f.write("row\n")
+    assert calls[-1] == (fake.LK_UNLCK, files.MSVCRT_OFFSET, 1) and not busy
+    with files.FileLock(tmp_path):
+        assert (tmp_path / ".lock").is_file()

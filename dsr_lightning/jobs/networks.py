@@ -282,6 +282,13 @@ def _diffusion(node: dict, role: str, sigma: float | None, trained: bool):
     return load_diffusion(str(node.get("model") or ""), float(sigma))
 
 
+def _model_reference(model) -> str:
+    """A diffusion model as the recipe records it: a local folder as an absolute path (a rebuild
+    from another working directory finds it), a hub id as it is."""
+    p = Path(str(model)).expanduser()
+    return str(p.resolve()) if p.is_dir() else str(model)
+
+
 def _normalisation(node: dict, data: DataFacts | None, meta, own) -> tuple[list, list, str]:
     """(mean, std, where they came from): the node's, else the torchvision weights', else the
     architecture's own (published classifiers), else the data's, else torchvision's convention
@@ -365,7 +372,13 @@ def build(role: str, spec, *, data: DataFacts | None = None, sigma: float | None
         recipe.update(net=node["net"])
     elif source == "diffusion":
         net, info = _diffusion(node, role, sigma, trained)
-        recipe.update(path=str(node.get("model")), **info)
+        recipe.update(path=_model_reference(node.get("model")), **info)
+        size, shape = info.get("sample_size"), data.image_shape if data is not None else None
+        if size and shape and tuple(shape[-2:]) != ((size, size) if isinstance(size, int)
+                                                    else tuple(size)):
+            log.warning(f"denoiser: the diffusion model was trained on {size}-px images and the "
+                        f"data's are {shape[-2]}x{shape[-1]}: it denoises them, but outside what "
+                        "it learned (a model of the data's size denoises better)")
     else:  # file
         path = check_path(role, node, sigma, needed=True)
         net = load_scripted(path, trust_pickle=bool(node.get("trust_pickle")), what=role)

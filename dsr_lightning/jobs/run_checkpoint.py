@@ -20,7 +20,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
 
-from dsr_lightning.errors import CheckpointError, ConfigError
+from dsr_lightning.errors import USER_ERRORS, CheckpointError, ConfigError
 from dsr_lightning.jobs.networks import fingerprint, probe, rebuild, verify
 from dsr_lightning.models import (
     SmoothingSystem,
@@ -183,6 +183,8 @@ class RunCheckpoint:
         recipe = dict(self.recipe(role))
         try:
             net = rebuild(role, recipe)
+        except USER_ERRORS:  # already one clear error (e.g. a changed diffusion model)
+            raise
         except (ValueError, TypeError) as e:
             raise CheckpointError(f"{self.path}: cannot rebuild the {role} from its record "
                                   f"({e})") from None

@@ -37,7 +37,7 @@ import torch.nn as nn
 from dsr_lightning.errors import ConfigError
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
-EXTRA = 'pip install "dsr_lightning[diffusion]"'
+EXTRA = 'pip install "dsr_lightning[diffusion]" (in a checkout: pip install ".[diffusion]")'
 
 
 def _diffusers():
@@ -152,16 +152,18 @@ def _layout(model: str) -> tuple[str, str | None, str | None]:
 
 
 def _from_pretrained(cls, where: str, subfolder: str | None, what: str, local: bool):
-    """cls.from_pretrained, a hub pipeline's subfolder first and the model's own layout after;
-    any failure is one ConfigError saying what to do."""
+    """(cls.from_pretrained, the configuration file as written), a hub pipeline's subfolder first
+    and the model's own layout after; any failure is one ConfigError saying what to do. A
+    scheduler is built from its file's configuration (its ᾱ_t), whichever scheduler wrote it."""
     tries = [subfolder] if local else [subfolder, None]
     errors = []
     for sub in dict.fromkeys(tries):
         try:
             kwargs: dict[str, Any] = {"subfolder": sub} if sub else {}
+            raw = dict(cls.load_config(where, **kwargs))
             if cls.__name__.endswith("Scheduler"):
-                return cls.from_config(cls.load_config(where, **kwargs))
-            return cls.from_pretrained(where, low_cpu_mem_usage=False, **kwargs)
+                return cls.from_config(raw), raw
+            return cls.from_pretrained(where, low_cpu_mem_usage=False, **kwargs), raw
         except Exception as e:  # noqa: BLE001 - no network, no such repo, a broken folder
             text = " ".join(str(e).split())[:240]
             errors.append(f"{f'{sub}/: ' if sub else ''}{type(e).__name__}: {text}")
@@ -182,12 +184,23 @@ def load_diffusion(model: str, sigma: float) -> tuple[DiffusionDenoiser, dict]:
                           "in diffusers' save_pretrained layout")
     where, unet_sub, sched_sub = _layout(str(model))
     local = Path(where).is_dir()
-    unet = _from_pretrained(diffusers.UNet2DModel, where, unet_sub, "UNet (UNet2DModel)", local)
-    sched = _from_pretrained(diffusers.DDPMScheduler, where, sched_sub, "scheduler", local)
+    unet, unet_file = _from_pretrained(diffusers.UNet2DModel, where, unet_sub,
+                                       "UNet (UNet2DModel)", local)
+    sched, sched_file = _from_pretrained(diffusers.DDPMScheduler, where, sched_sub, "scheduler",
+                                         local)
     cfg = dict(unet.config)
     if cfg.get("num_class_embeds") or cfg.get("class_embed_type"):
         raise ConfigError(f"denoiser.model={model} is class-conditional (it needs class labels): "
                           "denoised smoothing needs an unconditional model")
+    # a variance-preserving model (x_t = √ᾱ x₀ + √(1 − ᾱ) ε): its schedule is a β schedule; a
+    # variance-exploding one (score SDE: sigma_min/sigma_max, Fourier time embedding) is another
+    # process, which this one-step estimate does not invert
+    betas = {"beta_schedule", "trained_betas", "beta_start", "beta_end"} & set(sched_file)
+    if not betas or cfg.get("time_embedding_type") == "fourier":
+        kind = sched_file.get("_class_name") or "its scheduler"
+        raise ConfigError(f"denoiser.model={model}: {kind} has no β schedule (a variance-exploding "
+                          "or score-SDE model?): denoiser=diffusion takes variance-preserving "
+                          "DDPMs (a DDPM, DDIM or PNDM scheduler with a β schedule)")
     ptype = str(sched.config.get("prediction_type", "epsilon"))
     variance = str(sched.config.get("variance_type") or "fixed_small")
     learned = variance.startswith("learned")
@@ -198,9 +211,11 @@ def load_diffusion(model: str, sigma: float) -> tuple[DiffusionDenoiser, dict]:
     den = DiffusionDenoiser(unet, sched.alphas_cumprod, sigma, ptype, learned_variance=learned)
     keep = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
             "prediction_type", "variance_type", "rescale_betas_zero_snr")
+    # the configuration files as written (not the installed diffusers' defaults on top, which a
+    # diffusers upgrade may extend): the recipe, and the identity, stay the model's own
     info = json.loads(json.dumps({  # plain lists and numbers: the recipe goes into configs and JSON
-        "unet": {k: v for k, v in cfg.items() if not str(k).startswith("_")},
-        "scheduler": {k: sched.config.get(k) for k in keep if k in sched.config},
+        "unet": {k: v for k, v in unet_file.items() if not str(k).startswith("_")},
+        "scheduler": {k: sched_file[k] for k in keep if k in sched_file},
         "sigma": float(sigma), "timestep": den.timestep, "alpha_bar": den.alpha_bar,
         "prediction_type": ptype, "noise_mismatch": den.noise_mismatch,
         "sample_size": cfg.get("sample_size"),

@@ -35,8 +35,9 @@ def input_size_of(size) -> tuple[int, int] | None:
 
 class NormalizeLayer(nn.Module):
     """(x - mean) / std per channel, after resizing x to `size` (H, W) where set (bicubic with
-    antialiasing, clipped back to [0, 1] as an image resized in 8 bits would be: a classifier that
-    takes another resolution than the data's, e.g. a 224-px ImageNet model on 32-px images).
+    antialiasing, not clipped: f sees exactly its input resized, noise included for a plain
+    smoothed f; a classifier that takes another resolution than the data's, e.g. a 224-px ImageNet
+    model on 32-px images).
     mean/std are non-persistent buffers: they follow `.to(device/dtype)` but add nothing to the
     state dict (as in the published checkpoints)."""
 
@@ -50,7 +51,7 @@ class NormalizeLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.size is not None and tuple(x.shape[-2:]) != self.size:
             x = F.interpolate(x, size=self.size, mode="bicubic", antialias=True,
-                              align_corners=False).clamp(0, 1)
+                              align_corners=False)
         return (x - self.mean) / self.std  # (B, C, H, W)
 
     def extra_repr(self) -> str:
