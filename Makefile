@@ -12,7 +12,7 @@ install: ## Create .venv and install the package with the pinned CI stack (torch
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c requirements/ci-constraints.txt -e ".[dev]"
 
-demo: install ## Install, then the main job from the given networks on the embedded data (CPU, 144 s after the install; SIGMA=0.5)
+demo: install ## Install, then the main job from the given networks on the embedded data (CPU, 128 s after the install; SIGMA=0.5)
 	PY=$(PY) bash scripts/demo.sh
 
 demo-full: install ## The whole pipeline, training f and D too (CPU, ~5 min after the install)

@@ -389,3 +389,30 @@ def test_the_documented_python_block_runs(model, capsys):
     exec(compile(code, "docs/diffusion.md", "exec"), {"__name__": "__docs__"})
     out = capsys.readouterr().out
     assert f"{timestep_for(0.25, _alphas())} " in out and "Certificate(prediction=" in out
+
+
+def test_the_python_api_loads_the_diffusion_rejector(chain):
+    """dsr.load rebuilds the DDPM from its folder (the checkpoint holds none of its weights) and
+    certifies as the job did: the same counts for the same images and keys."""
+    from hydra.utils import instantiate
+
+    import dsr_lightning as dsr
+    from dsr_lightning.jobs.run_checkpoint import RunCheckpoint
+
+    _, result = chain
+    g = dsr.load(result["best"])
+    assert type(g.denoiser).__name__ == "DiffusionDenoiser"
+    assert g.denoiser.timestep == timestep_for(0.25, _alphas())
+    data = instantiate(RunCheckpoint.read(result["best"]).config["data"]).dataset("test")
+    rows = _rows(result["certification"]["rejection"]["file"])
+    keys = [int(r["idx"]) for r in rows]
+    x = torch.stack([data[i][0] for i in keys])
+    certs = g.certify(x, 10, 50, 0.01, 64, labels=[int(r["label"]) for r in rows], keys=keys,
+                      bound=_meta(result)["bound"])
+    assert certs["n_A"].tolist() == [int(r["n_A"]) for r in rows]
+    assert certs["n_R"].tolist() == [int(r["n_R"]) for r in rows]
+    assert certs.prediction.tolist() == [int(r["predict"]) for r in rows]
+
+
+def _meta(result) -> dict:
+    return json.loads(Path(result["certification"]["rejection"]["file"] + ".json").read_text())
