@@ -622,32 +622,40 @@ class Smooth:
             DataError: Images or labels that cannot be certified, before any draw.
         """
         n0, n = draws_setting(n0, n, names=("n0", "n"))
+        bound = _bound(bound, self.rejector is not None)
+        one, xs, alpha, batch_size, noise = self._checked(x, alpha, batch_size, seed, keys)
+        y = _labels(labels, len(xs))
+        _label_range(y, self._k)
+        certs = self._certify(xs, y, n0, n, alpha, batch_size, bound, noise)
+        return certs[0] if one else certs
+
+    def _checked(self, x: Images, alpha, batch_size, seed, keys
+                 ) -> tuple[bool, torch.Tensor, float, int, ImageNoise]:
+        """The arguments certify and predict share, checked before any draw: (one image?, the
+        images (B, C, H, W) float32, alpha, batch_size, their noise streams)."""
         alpha = alpha_setting("alpha", alpha)
         batch_size = int_setting("batch_size", batch_size, what=" (noisy samples per forward "
                                                                 "pass)")
         seed = int_setting("seed", seed, low=0)
-        bound = _bound(bound, self.rejector is not None)
-        one = _one_image(x)
         xs = _images(x, self._allow_out_of_range)
-        y = _labels(labels, len(xs))
-        _label_range(y, self._k)
-        keys = _keys(keys, len(xs))
-        certs = self._certify(xs, y, keys, n0, n, alpha, batch_size, bound, seed)
-        return certs[0] if one else certs
+        return _one_image(x), xs, alpha, batch_size, ImageNoise(seed, _keys(keys, len(xs)))
 
-    def _certify(self, x: torch.Tensor, y: np.ndarray | None, keys: list[int], n0: int, n: int,
-                 alpha: float, batch_size: int, bound: str, seed: int) -> Certificates:
-        """The engine on checked arguments: x (B, C, H, W) float32."""
+    def _engine(self, x: torch.Tensor) -> tuple[SmoothedClassifier, torch.Tensor]:
+        """The engine over the base in eval mode, and x on its device, checked against the base."""
         base = self._base
         if isinstance(base, nn.Module):
             base.eval()
         x = x.to(self.device)
         _check_base(base, x, self._k)
-        engine = SmoothedClassifier(base, self._k, self._sigma,
-                                    allow_out_of_range=self._allow_out_of_range)
+        return SmoothedClassifier(base, self._k, self._sigma,
+                                  allow_out_of_range=self._allow_out_of_range), x
+
+    def _certify(self, x: torch.Tensor, y: np.ndarray | None, n0: int, n: int, alpha: float,
+                 batch_size: int, bound: str, noise: ImageNoise) -> Certificates:
+        """The engine on checked arguments: x (B, C, H, W) float32."""
+        engine, x = self._engine(x)
         with torch.no_grad():
-            cert = engine.certify(x, n0, n, alpha, batch_size, bound,
-                                  noise=ImageNoise(seed, keys))
+            cert = engine.certify(x, n0, n, alpha, batch_size, bound, noise=noise)
         cols = cert.columns()
         cols["n0"] = cert.counts0.sum(-1)
         cols["n"] = cols.pop("N")
@@ -682,22 +690,10 @@ class Smooth:
             DataError: Images that cannot be classified, before any draw.
         """
         n = int_setting("n", n)
-        alpha = alpha_setting("alpha", alpha)
-        batch_size = int_setting("batch_size", batch_size, what=" (noisy samples per forward "
-                                                                "pass)")
-        seed = int_setting("seed", seed, low=0)
-        one = _one_image(x)
-        xs = _images(x, self._allow_out_of_range)
-        keys = _keys(keys, len(xs))
-        base = self._base
-        if isinstance(base, nn.Module):
-            base.eval()
-        xs = xs.to(self.device)
-        _check_base(base, xs, self._k)
-        engine = SmoothedClassifier(base, self._k, self._sigma,
-                                    allow_out_of_range=self._allow_out_of_range)
+        one, xs, alpha, batch_size, noise = self._checked(x, alpha, batch_size, seed, keys)
+        engine, xs = self._engine(xs)
         with torch.no_grad():
-            pred = engine.predict(xs, n, alpha, batch_size, noise=ImageNoise(seed, keys))
+            pred = engine.predict(xs, n, alpha, batch_size, noise=noise)
         return int(pred[0]) if one else pred
 
 
@@ -1002,4 +998,4 @@ def certify(system: nn.Module | Smooth, images: Images, labels: Labels = None, *
     keys = _keys(keys, len(x))
     g = Smooth(system, k, sigma, allow_out_of_range=allow_out_of_range)
     bound = _bound(bound, g.rejector is not None)
-    return g._certify(x, y, keys, n0, n, alpha, batch, bound, seed)
+    return g._certify(x, y, n0, n, alpha, batch, bound, ImageNoise(seed, keys))

@@ -416,3 +416,60 @@ def test_the_python_api_loads_the_diffusion_rejector(chain):
 
 def _meta(result) -> dict:
     return json.loads(Path(result["certification"]["rejection"]["file"] + ".json").read_text())
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["classifier.input_size=abc"], "classifier.input_size"),
+    (["classifier.input_size=0"], "classifier.input_size"),
+    (["classifier.input_size=[1,2,3]"], "classifier.input_size"),
+    (["denoiser=diffusion", "denoiser.model=null"], "needs denoiser.model"),
+    (["classifier.source=diffusion"], "only the denoiser can be a diffusion model"),
+])
+def test_bad_diffusion_and_input_size_settings_are_one_config_error(overrides, match):
+    """Each new key, given wrong: one ConfigError naming it, from the checks every job runs first
+    (before any data, network or file is touched)."""
+    from dsr_lightning.config import compose
+    from dsr_lightning.config.schema import check_certify, check_train
+
+    with pytest.raises(ConfigError, match=match):
+        check_train(compose("train", overrides))
+    with pytest.raises(ConfigError, match=match):
+        check_certify(compose("certify", overrides))
+
+
+def test_a_model_of_other_channels_than_the_data_is_refused(model):
+    from omegaconf import OmegaConf
+
+    from dsr_lightning.jobs.networks import DataFacts, build
+
+    node = OmegaConf.create({"source": "diffusion", "model": str(model), "name": "ddpm"})
+    with pytest.raises(ConfigError, match="denoises 3-channel images and the data's have 1"):
+        build("denoiser", node, sigma=0.25, data=DataFacts(image_shape=(1, 16, 16)))
+
+
+def test_a_bad_model_on_the_command_line_exits_2_with_nothing_written(tiny_pretrained, tmp_path,
+                                                                    monkeypatch, capsys):
+    from helpers import run_cli
+
+    monkeypatch.chdir(tiny_pretrained.cwd)
+    run = tmp_path / "run"
+    code = run_cli(["train", "experiment=tiny", tiny_pretrained.override, "denoiser=diffusion",
+                    f"denoiser.model={tmp_path / 'no_such_folder'}", f"hydra.run.dir={run}"],
+                   monkeypatch)
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "error: denoiser.model=" in err and "not a hub id" in err and "Traceback" not in err
+    assert not (run / "checkpoints").exists() and not (run / "results").exists()
+
+
+def test_a_diffusion_run_resumes_with_the_models_weights_from_its_folder(tiny_pretrained, model,
+                                                                         tmp_path):
+    """The checkpoint leaves the DDPM out; a resume (Lightning's strict load) refills it from the
+    model the job built, trains the epoch left, and its checkpoints still hold none of it."""
+    args = ("denoiser=diffusion", f"denoiser.model={model}", "rejector.threshold=0",
+            "optim=adam", "optim.epochs=2")
+    first = _train(tiny_pretrained, tmp_path / "run", *args, "trainer.max_epochs=1")
+    resumed = _train(tiny_pretrained, tmp_path / "run", *args, f"ckpt_path={first['last']}")
+    assert (first["epochs"], resumed["epochs"]) == (1, 2)
+    state = torch.load(resumed["last"], map_location="cpu", weights_only=False)["state_dict"]
+    assert state and not [k for k in state if k.startswith("denoiser.")]

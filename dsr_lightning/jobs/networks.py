@@ -374,6 +374,11 @@ def build(role: str, spec, *, data: DataFacts | None = None, sigma: float | None
         net, info = _diffusion(node, role, sigma, trained)
         recipe.update(path=_model_reference(node.get("model")), **info)
         size, shape = info.get("sample_size"), data.image_shape if data is not None else None
+        channels = (info.get("unet") or {}).get("in_channels")
+        if shape and channels and int(shape[0]) != int(channels):
+            raise ConfigError(f"denoiser.model={node.get('model')} denoises {channels}-channel "
+                              f"images and the data's have {shape[0]}: choose a diffusion model "
+                              "of the data's channels (or data of the model's)")
         if size and shape and tuple(shape[-2:]) != ((size, size) if isinstance(size, int)
                                                     else tuple(size)):
             log.warning(f"denoiser: the diffusion model was trained on {size}-px images and the "
@@ -565,8 +570,9 @@ def rebuild(role: str, recipe: dict) -> nn.Module:
 
 def _rebuild_diffusion(role: str, recipe: dict) -> nn.Module:
     """A diffusion denoiser from its model (folder or hub id), with the model's own weights (a
-    rejector checkpoint does not hold them): refused unless they are those recorded at training
-    and the schedule gives the recorded timestep."""
+    rejector checkpoint does not hold them): refused unless its configuration and timestep are
+    those recorded at training (the weights' hash is checked by the caller, RunCheckpoint, as for
+    every network)."""
     from dsr_lightning.models.diffusion import load_diffusion
 
     try:
@@ -574,12 +580,6 @@ def _rebuild_diffusion(role: str, recipe: dict) -> nn.Module:
     except ConfigError as e:
         raise CheckpointError(f"the {role} was the diffusion model {recipe['path']}, which cannot be "
                               f"loaded now: {e}") from None
-    weights = state_sha256(net)
-    if recipe.get("state_sha256") and weights != recipe["state_sha256"]:
-        raise CheckpointError(
-            f"the diffusion model {recipe['path']} changed since the rejector was trained on it: "
-            "its weights' hash differs from the recorded one. Restore the model it was trained "
-            "with (the folder, or the hub revision), or train a rejector on this one")
     for key in ("unet", "scheduler", "timestep"):
         if recipe.get(key) is not None and info[key] != recipe[key]:
             raise CheckpointError(f"the diffusion model {recipe['path']} changed since the rejector "

@@ -193,6 +193,12 @@ class RunCheckpoint:
         freeze(net)
         weights = state_sha256(net)
         if recipe.get("state_sha256") not in (None, weights):
+            if getattr(net, "weights_outside_checkpoint", False):  # read from the model's folder
+                raise CheckpointError(
+                    f"the diffusion model {recipe['path']} changed since the rejector was trained "
+                    "on it: its weights' hash differs from the recorded one. Restore the model it "
+                    "was trained with (the folder, or the hub revision), or train a rejector on "
+                    "this one")
             raise CheckpointError(f"{self.path}: the {role}'s weights in the checkpoint are not "
                                   "those its record names (an edited or damaged checkpoint); "
                                   "use an intact one")
@@ -208,10 +214,8 @@ class RunCheckpoint:
         """The file's weights into the task that wrote it (strict, but for the weights a
         checkpoint leaves out: tasks.base.outside_prefixes, which the task already holds)."""
         state = dict(self.state_dict)
-        prefixes = module.outside_prefixes() if hasattr(module, "outside_prefixes") else ()
-        for k, v in module.state_dict().items():
-            if prefixes and k.startswith(prefixes) and k not in state:
-                state[k] = v
+        if hasattr(module, "fill_outside"):
+            module.fill_outside(state)
         module.load_state_dict(state)
         return module
 

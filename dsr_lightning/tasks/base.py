@@ -146,13 +146,17 @@ class FrozenAwareModule(pl.LightningModule):
         return tuple(f"{name}." for name, m in self.named_modules(remove_duplicate=False)
                      if name and getattr(m, "weights_outside_checkpoint", False))
 
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        # a resume: the weights a checkpoint leaves out are those this task already holds
+    def fill_outside(self, state: dict) -> dict:
+        """`state` (a checkpoint's state dict) completed, in place, with the weights a checkpoint
+        leaves out (outside_prefixes), which this task already holds; returned."""
         if prefixes := self.outside_prefixes():
-            state = checkpoint["state_dict"]
             for k, v in self.state_dict().items():
                 if k.startswith(prefixes) and k not in state:
                     state[k] = v
+        return state
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.fill_outside(checkpoint["state_dict"])  # a resume: Lightning loads strictly
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if prefixes := self.outside_prefixes():
